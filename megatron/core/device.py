@@ -1,0 +1,219 @@
+"""The one device layer: every device-specific call goes through here.
+
+Three backends, chosen once per process:
+- ``hpu``: Intel Gaudi, only when ``habana_frameworks.torch`` imports (it is not on PyPI);
+- ``cuda``: NVIDIA GPUs through torch.cuda;
+- ``cpu``: everything else, and the reference for tests.
+
+Other modules never call ``torch.cuda.*`` or import ``habana_frameworks`` themselves: they ask a
+``Device`` (``get_device()``) for the torch device of a local rank, the distributed backend,
+synchronisation, memory statistics, lazy-mode ``mark_step()`` and the optional fused kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+DEVICE_KINDS = ("auto", "hpu", "cuda", "cpu")
+_DIST_BACKENDS = {"hpu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+
+
+def _import_optional(name: str) -> Optional[ModuleType]:
+    """Import an optional package, returning None when it (or its native stack) is missing."""
+    try:
+        return importlib.import_module(name)
+    except Exception:  # ImportError, or a native library failing to load
+        return None
+
+
+@dataclass
+class Device:
+    """One accelerator kind. ``modules`` caches lazily imported optional packages by name."""
+
+    kind: str
+    importer: Callable[[str], Optional[ModuleType]] = _import_optional
+    lazy_mode: bool = False  # HPU lazy mode (PT_HPU_LAZY_MODE=1), set by the launcher/initialize
+    modules: Dict[str, Optional[ModuleType]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hpu", "cuda", "cpu"):
+            raise ValueError(f"unknown device kind {self.kind!r}; expected one of hpu, cuda, cpu")
+
+    # ---- optional modules -------------------------------------------------------------
+    def _module(self, name: str) -> Optional[ModuleType]:
+        if name not in self.modules:
+            self.modules[name] = self.importer(name)
+        return self.modules[name]
+
+    # ---- placement and processes ------------------------------------------------------
+    def torch_device(self, local_rank: int = 0) -> torch.device:
+        """The device a process with this local rank computes on (CPU ranks share the CPU)."""
+        if self.kind == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.kind, local_rank)
+
+    def set_device(self, local_rank: int) -> None:
+        if self.kind == "cuda":
+            torch.cuda.set_device(local_rank)
+        elif self.kind == "hpu":
+            hpu = self._module("habana_frameworks.torch.hpu")
+            if hpu is not None and hasattr(hpu, "set_device"):
+                hpu.set_device(local_rank)
+
+    @property
+    def dist_backend(self) -> str:
+        """torch.distributed backend: hccl on Gaudi, nccl on CUDA, gloo on CPU."""
+        if self.kind == "hpu":
+            # Registers the hccl backend with torch.distributed.
+            self._module("habana_frameworks.torch.distributed.hccl")
+        return _DIST_BACKENDS[self.kind]
+
+    def device_count(self) -> int:
+        if self.kind == "cuda":
+            return torch.cuda.device_count()
+        if self.kind == "hpu":
+            hpu = self._module("habana_frameworks.torch.hpu")
+            return int(hpu.device_count()) if hpu is not None else 0
+        return 1
+
+    # ---- synchronisation ----------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timers and benchmarks; never in the hot path)."""
+        if self.kind == "cuda":
+            torch.cuda.synchronize()
+        elif self.kind == "hpu":
+            hpu = self._module("habana_frameworks.torch.hpu")
+            if hpu is not None:
+                hpu.synchronize()
+
+    def mark_step(self) -> None:
+        """Lazy-mode graph boundary on HPU (after backward, after the optimizer step); a no-op elsewhere."""
+        if self.kind != "hpu" or not self.lazy_mode:
+            return
+        core = self._module("habana_frameworks.torch.core")
+        if core is not None:
+            core.mark_step()
+
+    # ---- memory -------------------------------------------------------------------------
+    def memory_stats(self) -> Dict[str, int]:
+        """Bytes allocated now and at peak on this process's device (empty on CPU)."""
+        if self.kind == "cuda":
+            return {
+                "allocated": torch.cuda.memory_allocated(),
+                "max_allocated": torch.cuda.max_memory_allocated(),
+                "reserved": torch.cuda.memory_reserved(),
+            }
+        if self.kind == "hpu":
+            hpu = self._module("habana_frameworks.torch.hpu")
+            if hpu is None:
+                return {}
+            return {"allocated": int(hpu.memory_allocated()), "max_allocated": int(hpu.max_memory_allocated())}
+        return {}
+
+    def reset_peak_memory_stats(self) -> None:
+        if self.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif self.kind == "hpu":
+            hpu = self._module("habana_frameworks.torch.hpu")
+            if hpu is not None and hasattr(hpu, "reset_peak_memory_stats"):
+                hpu.reset_peak_memory_stats()
+
+    # ---- random state -------------------------------------------------------------------
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        if self.kind == "cuda":
+            torch.cuda.manual_seed_all(seed)
+        elif self.kind == "hpu":
+            hpu = self._module("habana_frameworks.torch.hpu")
+            if hpu is not None and hasattr(hpu, "manual_seed"):
+                hpu.manual_seed(seed)
+
+    def get_rng_state(self) -> Optional[torch.Tensor]:
+        if self.kind == "cuda":
+            return torch.cuda.get_rng_state()
+        if self.kind == "hpu":
+            hpu = self._module("habana_frameworks.torch.hpu.random")
+            return hpu.get_rng_state() if hpu is not None else None
+        return None
+
+    def set_rng_state(self, state: Optional[torch.Tensor]) -> None:
+        if state is None:
+            return
+        if self.kind == "cuda":
+            torch.cuda.set_rng_state(state)
+        elif self.kind == "hpu":
+            hpu = self._module("habana_frameworks.torch.hpu.random")
+            if hpu is not None:
+                hpu.set_rng_state(state)
+
+    # ---- fused kernels ------------------------------------------------------------------
+    def fused_sdpa(self) -> Optional[Any]:
+        """Intel's FusedSDPA autograd function on HPU, else None (callers use torch SDPA)."""
+        if self.kind != "hpu":
+            return None
+        kernels = self._module("habana_frameworks.torch.hpex.kernels")
+        return getattr(kernels, "FusedSDPA", None) if kernels is not None else None
+
+    def fused_rmsnorm(self) -> Optional[Any]:
+        """Intel's FusedRMSNorm autograd function on HPU, else None (callers use the torch formula)."""
+        if self.kind != "hpu":
+            return None
+        norm = self._module("habana_frameworks.torch.hpex.normalization")
+        return getattr(norm, "FusedRMSNorm", None) if norm is not None else None
+
+
+def detect_device_kind(importer: Callable[[str], Optional[ModuleType]] = _import_optional) -> str:
+    """hpu when habana_frameworks imports and reports a device, cuda when available, else cpu."""
+    hpu = importer("habana_frameworks.torch.hpu")
+    if hpu is not None:
+        try:
+            if hpu.is_available():
+                return "hpu"
+        except Exception:
+            pass
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def get_device(
+    kind: str = "auto",
+    *,
+    lazy_mode: bool = False,
+    importer: Callable[[str], Optional[ModuleType]] = _import_optional,
+) -> Device:
+    """Build the device layer for ``kind`` ("auto" detects). Asking for a missing device is an error."""
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"device must be one of {DEVICE_KINDS}, got {kind!r}")
+    if kind == "auto":
+        kind = detect_device_kind(importer)
+    elif kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch reports no CUDA device")
+    elif kind == "hpu":
+        hpu = importer("habana_frameworks.torch.hpu")
+        if hpu is None:
+            raise ValueError(
+                "device 'hpu' was requested but habana_frameworks.torch cannot be imported; "
+                "install Intel Gaudi's PyTorch stack or choose --device cpu/cuda"
+            )
+    if lazy_mode and kind != "hpu":
+        lazy_mode = False  # lazy mode only exists on Gaudi; elsewhere mark_step is a no-op anyway
+    return Device(kind=kind, importer=importer, lazy_mode=lazy_mode)
+
+
+def device_of(tensor: torch.Tensor) -> Device:
+    """The device layer for the device a tensor lives on (modules use this inside forward)."""
+    kind = tensor.device.type
+    return _device_for_kind(kind if kind in ("hpu", "cuda") else "cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_for_kind(kind: str) -> Device:
+    # One Device per kind, memoising only which optional kernels import; it carries no configuration.
+    return Device(kind=kind)
