@@ -19,7 +19,7 @@ aligned with the input positions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,9 @@ from megatron.core.transformer.mla import MultiLatentAttention
 from megatron.core.transformer.mlp import SwiGLUMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.rmsnorm import RMSNorm
+from megatron.core.transformer.rope import RotaryEmbedding
+
+RotaryTables = Tuple[torch.Tensor, torch.Tensor]  # (cos, sin), computed once per forward
 
 
 class DecoderLayer(nn.Module):
@@ -48,8 +51,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLUMLP(config.hidden_size, config.ffn_hidden_size)
 
-    def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), position_ids)
+    def forward(self, hidden: torch.Tensor, rotary_pos_emb: RotaryTables) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary_pos_emb=rotary_pos_emb)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -72,11 +75,9 @@ class MTPDepth(nn.Module):
         self.layer = DecoderLayer(config, config.num_layers + depth)
         self.final_layernorm = RMSNorm(h, eps, use_fused=use_fused)
 
-    def forward(
-        self, prev_hidden: torch.Tensor, shifted_embeds: torch.Tensor, position_ids: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+    def forward(self, prev_hidden: torch.Tensor, shifted_embeds: torch.Tensor, rotary_pos_emb: RotaryTables) -> torch.Tensor:
         mixed = self.eh_proj(torch.cat([self.enorm(shifted_embeds), self.hnorm(prev_hidden)], dim=-1))
-        return self.layer(mixed, position_ids)
+        return self.layer(mixed, rotary_pos_emb)
 
 
 @dataclass
@@ -108,6 +109,8 @@ class DeepSeekModel(nn.Module):
         self.config = config
         h = config.hidden_size
         self.embedding = nn.Embedding(config.vocab_size, h)
+        # One parameter-free rotary table generator shared by all layers (tables built once per forward).
+        self.rotary = RotaryEmbedding(config.mla.qk_rope_head_dim, config.rope)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.final_layernorm = RMSNorm(h, config.norm_eps, use_fused=config.kernels.use_fused_rmsnorm)
         self.output_layer = nn.Linear(h, config.vocab_size, bias=False)
@@ -143,9 +146,10 @@ class DeepSeekModel(nn.Module):
     ) -> ModelOutput:
         """input_ids [b, s] -> ModelOutput; MTP runs only when labels are given (training)."""
         embeds = self.embedding(input_ids)  # [b, s, H]
+        rotary = self.rotary(input_ids.shape[1], device=embeds.device, dtype=embeds.dtype, position_ids=position_ids)
         hidden = embeds
         for layer in self.layers:
-            hidden = layer(hidden, position_ids)
+            hidden = layer(hidden, rotary)
         out = ModelOutput()
         main_logits = self.output_layer(self.final_layernorm(hidden))  # [b, s, V]
         if labels is None:
@@ -157,7 +161,7 @@ class DeepSeekModel(nn.Module):
                 # Depth k combines h_{k-1} at position i with the embedding of token i + k and
                 # predicts labels[i + k] (= token i + k + 1).
                 shifted_embeds = self.embedding(roll_left(input_ids, depth))
-                prev = module(prev, shifted_embeds, position_ids)
+                prev = module(prev, shifted_embeds, rotary)
                 mtp_logits = self.output_layer(module.final_layernorm(prev))
                 out.mtp_losses.append(self.token_losses(mtp_logits, roll_left(labels, depth)))
         for moe in self.moe_layers():
