@@ -31,12 +31,15 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1  # --tensor-model-parallel-size
     pipeline_model_parallel_size: int = 1  # --pipeline-model-parallel-size
     expert_model_parallel_size: int = 1  # --expert-model-parallel-size
-    expert_tensor_parallel_size: Optional[int] = None  # --expert-tensor-parallel-size (None = TP)
+    # --expert-tensor-parallel-size. None means 1: experts are whole on each expert rank and the
+    # TP ranks (which hold distinct tokens under the sequence parallelism MoE requires) act as
+    # expert-parallel / expert-data-parallel ranks.
+    expert_tensor_parallel_size: Optional[int] = None
     sequence_parallel: bool = False  # --sequence-parallel
 
     @property
     def etp(self) -> int:
-        return self.tensor_model_parallel_size if self.expert_tensor_parallel_size is None else self.expert_tensor_parallel_size
+        return 1 if self.expert_tensor_parallel_size is None else self.expert_tensor_parallel_size
 
 
 @dataclass(frozen=True)

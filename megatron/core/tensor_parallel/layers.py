@@ -120,7 +120,8 @@ def _copy_checked(param: Tensor, value: Tensor, name: str) -> None:
 class ColumnParallelLinear(nn.Module):
     """Y = X A^T + b with A's output rows split over the TP group.
 
-    Input [s, b, in] ([s/tp, b, in] with sequence_parallel, gathered along dim 0), or any [.., in]
+    Input [s, b, in] ([s/tp, b, in] with sequence_parallel, gathered along `sequence_dim`, 0 by
+    default; 1 for batch-first activations), or any [.., in]
     without SP. Output [.., out/tp], or [.., out] with gather_output (not allowed with SP: the next
     layer of a column layer is a row-parallel layer that consumes the split features).
     """
@@ -133,6 +134,7 @@ class ColumnParallelLinear(nn.Module):
         bias: bool = True,
         gather_output: bool = False,
         sequence_parallel: bool = False,
+        sequence_dim: int = 0,
         init_method: Optional[InitMethod] = None,
         generator: Optional[torch.Generator] = None,
         full_init: bool = True,
@@ -145,6 +147,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError("ColumnParallelLinear: gather_output and sequence_parallel cannot both be set")
         self.input_size, self.output_size = input_size, output_size
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
+        self.sequence_dim = sequence_dim  # 0 for [s, b, h] activations, 1 for batch-first [b, s, h]
         self.output_size_per_partition = divide(output_size, tp, "ColumnParallelLinear output_size")
         self.weight = _init_weight(
             (self.output_size_per_partition, input_size), (output_size, input_size), 0, group,
@@ -159,7 +162,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.group)  # [s/tp,b,in] -> [s,b,in]; bwd reduce-scatter
+            # [s/tp, b, in] -> [s, b, in] (along sequence_dim); bwd reduce-scatter
+            x = gather_from_sequence_parallel_region(x, self.group, self.sequence_dim)
         else:
             x = copy_to_region(x, self.group)  # bwd all-reduce of the partial input grads
         out = F.linear(x, self.weight, self.bias)
@@ -195,6 +199,7 @@ class RowParallelLinear(nn.Module):
         bias: bool = True,
         input_is_parallel: bool = True,
         sequence_parallel: bool = False,
+        sequence_dim: int = 0,
         init_method: Optional[InitMethod] = None,
         generator: Optional[torch.Generator] = None,
         full_init: bool = True,
@@ -207,6 +212,7 @@ class RowParallelLinear(nn.Module):
             raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True")
         self.input_size, self.output_size = input_size, output_size
         self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
+        self.sequence_dim = sequence_dim
         self.input_size_per_partition = divide(input_size, tp, "RowParallelLinear input_size")
         self.weight = _init_weight(
             (output_size, self.input_size_per_partition), (output_size, input_size), 1, group,
@@ -224,7 +230,7 @@ class RowParallelLinear(nn.Module):
             x = scatter_to_region(x, self.group)
         partial = F.linear(x, self.weight)  # this rank's share of X A^T: [.., out]
         if self.sequence_parallel:
-            out = reduce_scatter_to_sequence_parallel_region(partial, self.group)
+            out = reduce_scatter_to_sequence_parallel_region(partial, self.group, self.sequence_dim)
         else:
             out = reduce_from_region(partial, self.group)
         return out if self.bias is None else out + self.bias
@@ -258,6 +264,7 @@ class VocabParallelEmbedding(nn.Module):
         embedding_dim: int,
         group: Group = None,
         sequence_parallel: bool = False,
+        sequence_dim: int = 0,
         init_method: Optional[InitMethod] = None,
         generator: Optional[torch.Generator] = None,
         full_init: bool = True,
@@ -268,6 +275,7 @@ class VocabParallelEmbedding(nn.Module):
         tp = group_size(group)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.group, self.sequence_parallel = group, sequence_parallel
+        self.sequence_dim = sequence_dim
         self.num_embeddings_per_partition = divide(num_embeddings, tp, "VocabParallelEmbedding vocabulary size")
         self.vocab_start_index = group_rank(group) * self.num_embeddings_per_partition
         self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
@@ -285,7 +293,7 @@ class VocabParallelEmbedding(nn.Module):
         else:
             out = F.embedding(ids, self.weight)
         if self.sequence_parallel:
-            return reduce_scatter_to_sequence_parallel_region(out, self.group)
+            return reduce_scatter_to_sequence_parallel_region(out, self.group, self.sequence_dim)
         return reduce_from_region(out, self.group)
 
     def load_full_weight(self, weight: Tensor) -> None:

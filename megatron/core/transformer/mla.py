@@ -21,7 +21,9 @@ from torch import nn
 
 from megatron.core.config import DeepSeekConfig
 from megatron.core.device import Device
+from megatron.core.tensor_parallel import copy_to_region, gather_from_sequence_parallel_region
 from megatron.core.transformer.attention import core_attention
+from megatron.core.transformer.parallel_context import NO_TENSOR_PARALLEL, SEQUENCE_DIM, TensorParallelContext
 from megatron.core.transformer.rmsnorm import RMSNorm
 from megatron.core.transformer.rope import RotaryEmbedding, apply_rotary, softmax_scale
 
@@ -31,6 +33,12 @@ class MultiLatentAttention(nn.Module):
 
     `rotary` may be shared between layers (it holds no parameters); `device` overrides the device
     layer used for fused kernels (tests inject a fake HPU).
+
+    Tensor parallelism (`tp`) splits the heads: q_proj / q_b_proj and kv_b_proj are column-parallel,
+    o_proj row-parallel; the down-projections into the latents and their norms are replicated and
+    see the full sequence (under SP the block input [b, s/tp, H] is gathered first), so their
+    gradients are identical on every TP rank once the partial gradients flowing back from the
+    per-head layers are summed (inside the column layers, and for the shared rope key here).
     """
 
     def __init__(
@@ -39,9 +47,15 @@ class MultiLatentAttention(nn.Module):
         *,
         rotary: Optional[RotaryEmbedding] = None,
         device: Optional[Device] = None,
+        tp: TensorParallelContext = NO_TENSOR_PARALLEL,
     ) -> None:
         super().__init__()
         mla = config.mla
+        if mla.num_heads % tp.size:
+            raise ValueError(
+                f"attention heads ({mla.num_heads}) must be divisible by the tensor-parallel size ({tp.size})"
+            )
+        self.tp = tp
         self.config = config
         self.num_heads = mla.num_heads
         self.q_lora_rank = mla.q_lora_rank
@@ -68,25 +82,18 @@ class MultiLatentAttention(nn.Module):
         self.o_proj = self._row_parallel_linear(self.num_heads * self.v_head_dim, hidden, bias=bias)
         self.rotary_emb = rotary if rotary is not None else RotaryEmbedding(self.qk_rope_head_dim, config.rope)
 
-    # ---- linear construction: the one place tensor parallelism will swap in its layers ----------
-    def _new_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Linear:
-        linear = nn.Linear(in_features, out_features, bias=bias)
-        nn.init.normal_(linear.weight, mean=0.0, std=self.config.init_method_std)
-        if bias:
-            nn.init.zeros_(linear.bias)
-        return linear
-
-    def _replicated_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    # ---- linear construction: the one place tensor parallelism swaps in its layers ----------------
+    def _replicated_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         """Down-projections into the small latents (q_a_proj, kv_a_proj_with_mqa): full copy per TP rank."""
-        return self._new_linear(in_features, out_features, bias)
+        return NO_TENSOR_PARALLEL.column_linear(in_features, out_features, bias, self.config.init_method_std, False)
 
-    def _column_parallel_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    def _column_parallel_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         """Head-producing projections (q_proj / q_b_proj, kv_b_proj): output rows split by head under TP."""
-        return self._new_linear(in_features, out_features, bias)
+        return self.tp.column_linear(in_features, out_features, bias, self.config.init_method_std, gather_sequence=False)
 
-    def _row_parallel_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Linear:
-        """o_proj: input columns split by head under TP, partial outputs summed."""
-        return self._new_linear(in_features, out_features, bias)
+    def _row_parallel_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        """o_proj: input columns split by head under TP, partial outputs summed (reduce-scattered under SP)."""
+        return self.tp.row_linear(in_features, out_features, bias, self.config.init_method_std)
 
     # ---- forward ---------------------------------------------------------------------------------
     def _query(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -111,6 +118,12 @@ class MultiLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """hidden [b, s, H]; position_ids [b, s] or None (0..s-1); rotary_pos_emb precomputed (cos, sin)."""
         rope_cfg = self.config.rope
+        if self.tp.enabled and self.tp.sequence_parallel:
+            # [b, s/tp, H] -> [b, s, H]. Every consumer below yields full (TP-summed) input grads,
+            # so backward only keeps this rank's chunk.
+            hidden = gather_from_sequence_parallel_region(
+                hidden, self.tp.group, SEQUENCE_DIM, tensor_parallel_output_grad=False
+            )
         cos, sin = rotary_pos_emb if rotary_pos_emb is not None else self.rotary_tables(hidden, position_ids)
 
         q = self._query(hidden)  # [b, n, s, nope + rope]
@@ -119,6 +132,9 @@ class MultiLatentAttention(nn.Module):
         compressed = self.kv_a_proj_with_mqa(hidden)  # [b, s, kv_lora + rope]
         latent, k_rope = compressed.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_rope = k_rope.unsqueeze(1)  # [b, 1, s, rope]: one rope key shared by all heads
+        if self.tp.enabled:
+            # Each TP rank uses the shared rope key for its own heads only: sum its gradient.
+            k_rope = copy_to_region(k_rope, self.tp.group)
 
         q_rope = apply_rotary(q_rope, cos, sin, rope_cfg)  # [b, n, s, rope]
         k_rope = apply_rotary(k_rope, cos, sin, rope_cfg)  # [b, 1, s, rope]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.transformer.parallel_context import NO_TENSOR_PARALLEL, TensorParallelContext
+
 
 class SwiGLUMLP(nn.Module):
     """Dense SwiGLU MLP.
@@ -13,13 +15,24 @@ class SwiGLUMLP(nn.Module):
     Gate and up projections are one fused weight `gate_up_proj` of shape [2 * ffn, hidden]
     (rows [:ffn] = gate, [ffn:] = up) so the input is read once by a single GEMM;
     `down_proj` is [hidden, ffn]. Input [..., hidden] -> output [..., hidden].
+
+    Under tensor parallelism gate_up_proj is column-parallel and down_proj row-parallel; each
+    rank's gate_up shard must then hold [its gate rows ; its up rows] (see
+    `megatron.core.models.deepseek.sharding`, which interleaves full weights that way).
     """
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, bias: bool = False) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        bias: bool = False,
+        tp: TensorParallelContext = NO_TENSOR_PARALLEL,
+        init_method_std: float = 0.02,
+    ) -> None:
         super().__init__()
         self.ffn_hidden_size = ffn_hidden_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * ffn_hidden_size, bias=bias)
-        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
+        self.gate_up_proj = tp.column_linear(hidden_size, 2 * ffn_hidden_size, bias, init_method_std, gather_sequence=True)
+        self.down_proj = tp.row_linear(ffn_hidden_size, hidden_size, bias, init_method_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

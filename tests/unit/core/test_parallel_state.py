@@ -16,7 +16,7 @@ def grid(world, tp=1, pp=1, ep=1, etp=None):
 
 
 def test_megatron_rank_order_tp_fastest_then_dp_then_pp():
-    g = grid(8, tp=2, pp=2)
+    g = grid(8, tp=2, pp=2, etp=2)
     assert g.dp == 2
     assert g.groups("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert g.groups("dp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
@@ -37,7 +37,7 @@ def test_expert_grid_folds_into_data_and_tensor_ranks():
     assert g.groups("ep") == [[0, 1], [2, 3]]
     assert g.groups("etp") == [[0], [1], [2], [3]]
     # expert-TP = TP: expert ranks step over the TP ranks
-    g = grid(4, tp=2, ep=2)
+    g = grid(4, tp=2, ep=2, etp=2)
     assert g.groups("etp") == [[0, 1], [2, 3]]
     assert g.groups("ep") == [[0, 2], [1, 3]]
     assert g.edp == 1
@@ -59,6 +59,7 @@ def test_impossible_layouts_fail_with_flag_names():
         grid(4, tp=1, ep=3)
     with pytest.raises(ValueError, match="expert-tensor-parallel-size must be 1 or"):
         grid(8, tp=4, etp=2)
+    assert grid(4, tp=2).etp == 1  # default: whole experts per expert rank
     with pytest.raises(ValueError, match="--sequence-parallel"):
         RankGrid.from_config(ParallelConfig(sequence_parallel=True), 2)
     with pytest.raises(ValueError, match=">= 1"):
