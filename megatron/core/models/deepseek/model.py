@@ -11,6 +11,12 @@ Parameter names (what checkpoints and the HF converter use):
     output_layer.weight                                [V, H]
     mtp.{d}.enorm / hnorm / eh_proj [H, 2H] / layer.* / final_layernorm   (depth d = 0..D-1)
 
+Parallelism (issue 4) is applied here and nowhere else in the model math: a
+`TensorParallelContext` splits MLA heads, dense MLPs, the vocabulary of the embedding and output
+head (vocab-parallel cross entropy); sequence parallelism keeps [b, s/tp, H] between blocks; a
+pipeline stage holds `layer_range` and the embedding (`pre_process`) and/or the output head and
+MTP (`post_process`).
+
 Labels follow Megatron's convention: `labels[b, t]` is the token that position t must predict
 (already shifted by the data pipeline), so `model(tokens, labels=labels)` returns per-token losses
 aligned with the input positions.
@@ -26,6 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.config import DeepSeekConfig
+from megatron.core.tensor_parallel import (
+    VocabParallelEmbedding,
+    gather_from_region,
+    normal_init,
+    vocab_parallel_cross_entropy,
+)
+from megatron.core.transformer.parallel_context import NO_TENSOR_PARALLEL, SEQUENCE_DIM, TensorParallelContext
 from megatron.core.transformer.mla import MultiLatentAttention
 from megatron.core.transformer.mlp import SwiGLUMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -36,20 +49,28 @@ RotaryTables = Tuple[torch.Tensor, torch.Tensor]  # (cos, sin), computed once pe
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). [b, s, H] -> [b, s, H]."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). [b, s, H] -> [b, s, H]
+    ([b, s/tp, H] under sequence parallelism)."""
 
-    def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
+    def __init__(
+        self, config: DeepSeekConfig, layer_idx: int, tp: TensorParallelContext = NO_TENSOR_PARALLEL, moe_kwargs: Optional[dict] = None
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         use_fused = config.kernels.use_fused_rmsnorm
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, use_fused=use_fused)
-        self.self_attn = MultiLatentAttention(config)
+        self.self_attn = MultiLatentAttention(config, tp=tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, use_fused=use_fused)
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
-            self.mlp: nn.Module = MoELayer(config, layer_idx)
+            self.mlp: nn.Module = MoELayer(config, layer_idx, **(moe_kwargs or {}))
+            # The router and shared experts are replicated and see only this rank's tokens under SP.
+            tp.mark_sequence_parallel(self.mlp.router.parameters())
+            if self.mlp.shared_experts is not None:
+                tp.mark_sequence_parallel(self.mlp.shared_experts.parameters())
         else:
-            self.mlp = SwiGLUMLP(config.hidden_size, config.ffn_hidden_size)
+            self.mlp = SwiGLUMLP(config.hidden_size, config.ffn_hidden_size, tp=tp, init_method_std=config.init_method_std)
+        tp.mark_sequence_parallel([self.input_layernorm.weight, self.post_attention_layernorm.weight])
 
     def forward(self, hidden: torch.Tensor, rotary_pos_emb: RotaryTables) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary_pos_emb=rotary_pos_emb)
@@ -64,16 +85,22 @@ class MTPDepth(nn.Module):
     after this depth's own final norm (`shared_head.norm` in DeepSeek's checkpoints).
     """
 
-    def __init__(self, config: DeepSeekConfig, depth: int) -> None:
+    def __init__(
+        self, config: DeepSeekConfig, depth: int, tp: TensorParallelContext = NO_TENSOR_PARALLEL, moe_kwargs: Optional[dict] = None
+    ) -> None:
         super().__init__()
         h, eps = config.hidden_size, config.norm_eps
         use_fused = config.kernels.use_fused_rmsnorm
         self.enorm = RMSNorm(h, eps, use_fused=use_fused)
         self.hnorm = RMSNorm(h, eps, use_fused=use_fused)
+        # Replicated: it mixes two H-wide halves of this rank's tokens.
         self.eh_proj = nn.Linear(2 * h, h, bias=False)
         # Layer index after the main stack: MoE whenever the main stack's MoE rule says so.
-        self.layer = DecoderLayer(config, config.num_layers + depth)
+        self.layer = DecoderLayer(config, config.num_layers + depth, tp, moe_kwargs)
         self.final_layernorm = RMSNorm(h, eps, use_fused=use_fused)
+        tp.mark_sequence_parallel(
+            [self.enorm.weight, self.hnorm.weight, self.eh_proj.weight, self.final_layernorm.weight]
+        )
 
     def forward(self, prev_hidden: torch.Tensor, shifted_embeds: torch.Tensor, rotary_pos_emb: RotaryTables) -> torch.Tensor:
         mixed = self.eh_proj(torch.cat([self.enorm(shifted_embeds), self.hnorm(prev_hidden)], dim=-1))
@@ -86,8 +113,8 @@ class ModelOutput:
 
     mtp_losses: per depth k = 1..D, per-token fp32 losses [b, s] of predicting labels[:, t + k]
     at position t (the last k positions have no target and are masked by `loss()`).
-    moe_aux_losses: detached sums over MoE layers of each auxiliary loss, for logging (their
-    gradients are already attached inside the MoE layers).
+    moe_aux_losses: detached sums over this stage's MoE layers of each auxiliary loss, for
+    logging (their gradients are already attached inside the MoE layers).
     """
 
     logits: Optional[torch.Tensor] = None
@@ -104,20 +131,72 @@ def roll_left(tensor: torch.Tensor, shift: int, fill: int | float = 0) -> torch.
 
 
 class DeepSeekModel(nn.Module):
-    def __init__(self, config: DeepSeekConfig) -> None:
+    """The whole model, or one pipeline stage of it.
+
+    Args:
+        tp: tensor/sequence-parallel split (default: none).
+        layer_range: (start, end) decoder layers held by this stage (default: all).
+        pre_process: this stage embeds the input ids (first stage).
+        post_process: this stage holds the final norm, output head and MTP (last stage); it also
+            holds its own copy of the embedding for MTP, marked `shared_embedding` so its gradient
+            is summed with the first stage's.
+        moe_kwargs: extra arguments for every MoELayer (expert parallelism).
+    On a stage without `pre_process`, `set_input_tensor` provides the hidden input.
+    """
+
+    def __init__(
+        self,
+        config: DeepSeekConfig,
+        *,
+        tp: TensorParallelContext = NO_TENSOR_PARALLEL,
+        layer_range: Optional[Tuple[int, int]] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        moe_kwargs: Optional[dict] = None,
+    ) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.tp = config, tp
+        self.pre_process, self.post_process = pre_process, post_process
+        start, end = layer_range if layer_range is not None else (0, config.num_layers)
+        if not 0 <= start <= end <= config.num_layers:
+            raise ValueError(f"layer range {layer_range} outside the model's {config.num_layers} layers")
+        if tp.enabled and any(config.is_moe_layer(i) for i in range(start, end)) and not tp.sequence_parallel:
+            raise ValueError("MoE layers with tensor parallelism need --sequence-parallel (each TP rank must route its own tokens)")
+        if tp.enabled and config.tie_word_embeddings:
+            raise ValueError("tied embeddings are not supported with tensor parallelism")
+        self.layer_offset = start
         h = config.hidden_size
-        self.embedding = nn.Embedding(config.vocab_size, h)
+        needs_embedding = pre_process or (post_process and config.mtp.num_layers > 0)
+        if needs_embedding:
+            self.embedding = self._build_embedding()
+            if not pre_process:  # MTP's copy on the last stage
+                self.embedding.weight.shared_embedding = True  # type: ignore[attr-defined]
         # One parameter-free rotary table generator shared by all layers (tables built once per forward).
         self.rotary = RotaryEmbedding(config.mla.qk_rope_head_dim, config.rope)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.final_layernorm = RMSNorm(h, config.norm_eps, use_fused=config.kernels.use_fused_rmsnorm)
-        self.output_layer = nn.Linear(h, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.output_layer.weight = self.embedding.weight
-        self.mtp = nn.ModuleList(MTPDepth(config, d) for d in range(config.mtp.num_layers))
+        # Layers keep their global index in the name (layers.{i}) so checkpoints are layout-free.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, tp, moe_kwargs) for i in range(start, end)})
+        if post_process:
+            self.final_layernorm = RMSNorm(h, config.norm_eps, use_fused=config.kernels.use_fused_rmsnorm)
+            tp.mark_sequence_parallel([self.final_layernorm.weight])
+            # Column-parallel over the vocabulary; gathers the sequence under SP.
+            self.output_layer = tp.column_linear(h, config.vocab_size, False, config.init_method_std, gather_sequence=True)
+            if config.tie_word_embeddings:
+                self.output_layer.weight = self.embedding.weight
+            self.mtp = nn.ModuleList(MTPDepth(config, d, tp, moe_kwargs) for d in range(config.mtp.num_layers))
+        self.input_tensor: Optional[torch.Tensor] = None
         self.reset_parameters()
+
+    def _build_embedding(self) -> nn.Module:
+        if not self.tp.enabled:
+            return nn.Embedding(self.config.vocab_size, self.config.hidden_size)
+        return VocabParallelEmbedding(
+            self.config.vocab_size,
+            self.config.hidden_size,
+            group=self.tp.group,
+            sequence_parallel=self.tp.sequence_parallel,
+            sequence_dim=SEQUENCE_DIM,
+            init_method=normal_init(self.config.init_method_std),
+        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -135,33 +214,48 @@ class DeepSeekModel(nn.Module):
             if name.endswith(("experts.gate_up_proj", "experts.down_proj", "router.weight")):
                 param.normal_(0.0, std)
 
+    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+        """Hidden states received from the previous pipeline stage ([b, s(/tp), H])."""
+        self.input_tensor = tensor
+
     def moe_layers(self) -> List[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids)  # [b, s, H] ([b, s/tp, H] under SP)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
-    ) -> ModelOutput:
-        """input_ids [b, s] -> ModelOutput; MTP runs only when labels are given (training)."""
-        embeds = self.embedding(input_ids)  # [b, s, H]
-        rotary = self.rotary(input_ids.shape[1], device=embeds.device, dtype=embeds.dtype, position_ids=position_ids)
-        hidden = embeds
-        for layer in self.layers:
+    ):
+        """input_ids [b, s] -> ModelOutput on the last stage, else this stage's hidden output.
+
+        MTP runs only when labels are given (training).
+        """
+        if self.pre_process:
+            hidden = self._embed(input_ids)
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("a pipeline stage without the embedding needs set_input_tensor() before forward")
+            hidden = self.input_tensor
+        rotary = self.rotary(input_ids.shape[1], device=hidden.device, dtype=hidden.dtype, position_ids=position_ids)
+        for layer in self.layers.values():
             hidden = layer(hidden, rotary)
+        if not self.post_process:
+            return hidden
         out = ModelOutput()
-        main_logits = self.output_layer(self.final_layernorm(hidden))  # [b, s, V]
+        main_logits = self.output_layer(self.final_layernorm(hidden))  # [b, s, V(/tp)]
         if labels is None:
-            out.logits = main_logits
+            out.logits = gather_from_region(main_logits, self.tp.group) if self.tp.enabled else main_logits
         else:
             out.losses = self.token_losses(main_logits, labels)
             prev = hidden
             for depth, module in enumerate(self.mtp, start=1):
                 # Depth k combines h_{k-1} at position i with the embedding of token i + k and
                 # predicts labels[i + k] (= token i + k + 1).
-                shifted_embeds = self.embedding(roll_left(input_ids, depth))
-                prev = module(prev, shifted_embeds, rotary)
+                prev = module(prev, self._embed(roll_left(input_ids, depth)), rotary)
                 mtp_logits = self.output_layer(module.final_layernorm(prev))
                 out.mtp_losses.append(self.token_losses(mtp_logits, roll_left(labels, depth)))
         for moe in self.moe_layers():
@@ -171,9 +265,10 @@ class DeepSeekModel(nn.Module):
                     out.moe_aux_losses[name] = out.moe_aux_losses.get(name, 0.0) + value
         return out
 
-    @staticmethod
-    def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token cross entropy in fp32. logits [b, s, V], labels [b, s] -> [b, s]."""
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross entropy in fp32. logits [b, s, V(/tp)], labels [b, s] -> [b, s]."""
+        if self.tp.enabled:
+            return vocab_parallel_cross_entropy(logits.float(), labels, self.tp.group)
         b, s, v = logits.shape
         return F.cross_entropy(logits.float().reshape(b * s, v), labels.reshape(b * s), reduction="none").view(b, s)
 
