@@ -130,6 +130,14 @@ def roll_left(tensor: torch.Tensor, shift: int, fill: int | float = 0) -> torch.
     return rolled
 
 
+class LayerDict(nn.ModuleDict):
+    """Decoder layers keyed by their GLOBAL index ("layers.{i}" in every pipeline layout);
+    `layers[i]` accepts the int index too."""
+
+    def __getitem__(self, key):  # type: ignore[override]
+        return super().__getitem__(str(key))
+
+
 class DeepSeekModel(nn.Module):
     """The whole model, or one pipeline stage of it.
 
@@ -174,7 +182,7 @@ class DeepSeekModel(nn.Module):
         # One parameter-free rotary table generator shared by all layers (tables built once per forward).
         self.rotary = RotaryEmbedding(config.mla.qk_rope_head_dim, config.rope)
         # Layers keep their global index in the name (layers.{i}) so checkpoints are layout-free.
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, tp, moe_kwargs) for i in range(start, end)})
+        self.layers = LayerDict({str(i): DecoderLayer(config, i, tp, moe_kwargs) for i in range(start, end)})
         if post_process:
             self.final_layernorm = RMSNorm(h, config.norm_eps, use_fused=config.kernels.use_fused_rmsnorm)
             tp.mark_sequence_parallel([self.final_layernorm.weight])
