@@ -146,8 +146,8 @@ class DeepSeekModel(nn.Module):
         layer_range: (start, end) decoder layers held by this stage (default: all).
         pre_process: this stage embeds the input ids (first stage).
         post_process: this stage holds the final norm, output head and MTP (last stage); it also
-            holds its own copy of the embedding for MTP, marked `shared_embedding` so its gradient
-            is summed with the first stage's.
+            holds its own copy of the embedding for MTP. Under pipeline parallelism both copies are
+            marked `shared_embedding` so their gradients are summed.
         moe_kwargs: extra arguments for every MoELayer (expert parallelism).
     On a stage without `pre_process`, `set_input_tensor` provides the hidden input.
     """
@@ -177,7 +177,9 @@ class DeepSeekModel(nn.Module):
         needs_embedding = pre_process or (post_process and config.mtp.num_layers > 0)
         if needs_embedding:
             self.embedding = self._build_embedding()
-            if not pre_process:  # MTP's copy on the last stage
+            if pre_process != post_process and config.mtp.num_layers > 0:
+                # First and last pipeline stages both hold the embedding (the last one for MTP):
+                # their gradients are summed over the "embedding" group.
                 self.embedding.weight.shared_embedding = True  # type: ignore[attr-defined]
         # One parameter-free rotary table generator shared by all layers (tables built once per forward).
         self.rotary = RotaryEmbedding(config.mla.qk_rope_head_dim, config.rope)
