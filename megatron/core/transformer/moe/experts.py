@@ -3,6 +3,10 @@
 Weights are stacked over the LOCAL experts (dim 0), so expert parallelism shards dim 0:
 `gate_up_proj` [E, 2I, H] (rows [:I] = gate, [I:] = up; HF transformers v5's in-memory layout)
 and `down_proj` [E, H, I]. Each expert computes down(silu(gate(x)) * up(x)).
+
+Both weights carry `is_expert = True`: under expert parallelism each EP rank holds different
+experts, so their gradients are reduced over the expert-data-parallel group ("edp"), not "dp",
+and checkpoint code shards / gathers them along dim 0 over "ep" (`shard_expert_weights`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,20 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def shard_expert_weights(full: torch.Tensor, ep_rank: int, ep_size: int) -> torch.Tensor:
+    """This EP rank's experts of a stacked weight: [E, ...] -> [E / ep_size, ...] (a view).
+
+    EP rank r holds the contiguous experts [r * E_local, (r + 1) * E_local), the layout the
+    dispatchers route to.
+    """
+    if ep_size < 1 or not 0 <= ep_rank < ep_size:
+        raise ValueError(f"need 0 <= ep_rank < ep_size, got ep_rank={ep_rank}, ep_size={ep_size}")
+    if full.shape[0] % ep_size:
+        raise ValueError(f"{full.shape[0]} experts cannot be split over {ep_size} expert-parallel ranks")
+    local = full.shape[0] // ep_size
+    return full[ep_rank * local : (ep_rank + 1) * local]
+
+
 class GroupedExperts(nn.Module):
     """`num_local_experts` SwiGLU experts applied to tokens already grouped by expert.
 
@@ -74,6 +92,8 @@ class GroupedExperts(nn.Module):
         self.init_method_std = init_method_std
         self.gate_up_proj = nn.Parameter(torch.empty(num_local_experts, 2 * ffn_hidden_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_local_experts, hidden_size, ffn_hidden_size))
+        for param in (self.gate_up_proj, self.down_proj):
+            param.is_expert = True  # type: ignore[attr-defined]
         # (device type, dtype) pairs whose grouped_mm kernel raised once; per instance, not global.
         self._grouped_mm_failed: Set[Tuple[str, torch.dtype]] = set()
         self.reset_parameters()

@@ -15,14 +15,26 @@ on the side. Padding tokens (token_mask False) are left out of every statistic.
 Aux-loss-free balancing (DeepSeek-V3 section 2.1.2): every optimizer step,
 `expert_bias += rate * sign(mean_load - load)`, where load counts the routing choices of the
 real tokens of all micro-batches of that step (see `TopKRouter` for the accumulation).
+
+Which ranks' tokens count: the load must be the whole step's, i.e. summed over every rank that
+routed DISTINCT tokens through the same (replicated) router: the TP x DP ranks of the pipeline
+stage (under sequence parallelism each TP rank routes its own sequence chunk; expert parallelism
+does not change who routes what, since the router runs before dispatch).
+`stage_load_all_reduce(parallel_state)` builds that reduction for `update_expert_bias`. The
+sequence-wise aux loss is per sequence and stays local; the V2 expert-level aux loss and the
+z-loss are per micro-batch of this rank.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from megatron.core.parallel_state import ParallelState
 
 # Relative floor of the per-token score sum, so an all-zero row cannot divide by zero.
 _NORM_EPS = 1e-20
@@ -162,6 +174,24 @@ def update_expert_bias(
     for router, load in zip(routers, loads):
         router.update_expert_bias(load)
     return len(routers)
+
+
+def stage_load_all_reduce(
+    parallel_state: "ParallelState", kinds: Sequence[str] = ("tp", "dp")
+) -> Callable[[torch.Tensor], None]:
+    """In-place sum over the ranks that route distinct tokens: "tp" x "dp" of this stage by default.
+
+    One all-reduce per group of size > 1 (TP then DP: together every rank of the stage). Pass
+    `kinds=("dp",)` if the TP ranks of a layer hold the same tokens (no sequence parallelism).
+    Use as `update_expert_bias(model, all_reduce=stage_load_all_reduce(state))`.
+    """
+    groups = [parallel_state.group(kind) for kind in kinds if parallel_state.size(kind) > 1]
+
+    def all_reduce(loads: torch.Tensor) -> None:
+        for group in groups:
+            dist.all_reduce(loads, group=group)
+
+    return all_reduce
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

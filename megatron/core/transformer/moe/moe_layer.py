@@ -4,6 +4,15 @@ out = sum_j w_tj * expert_{e_tj}(x_t) + shared(x_t), the layout of HF's Deepseek
 DeepseekV2Moe (the shared experts are one SwiGLU of width ffn_hidden_size * num_shared_experts,
 unscaled). Auxiliary losses ride on the routing weights through `attach_aux_loss`, so the
 output is exactly the routed sum and backward still sees the losses.
+
+Expert parallelism: `MoELayer(config, i, parallel_state=state)` (or `ep_group=group`) holds only
+this EP rank's E / EP experts and routes through an all-to-all (default) or all-gather dispatcher
+over the "ep" group. The input is this rank's own tokens (sequence parallelism under TP > 1).
+The router and shared experts are replicated: their gradients are partial sums over this rank's
+tokens, reduced over "dp" (and "tp" under SP) by the gradient code like any replicated weight; the
+expert weights carry `is_expert` and are reduced over "edp". The shared experts run while the
+dispatch all-to-all is in flight. `load_full_expert_weights` copies this rank's experts out of
+full [E, ...] weights, so an EP model can be made identical to a single-process one.
 """
 
 from __future__ import annotations
@@ -14,11 +23,43 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from megatron.core.config import DeepSeekConfig
+from megatron.core.config import DeepSeekConfig, MoEConfig
+from megatron.core.parallel_state import ParallelState
+from megatron.core.tensor_parallel.mappings import Group, group_rank, group_size
 from megatron.core.transformer.mlp import SwiGLUMLP
-from megatron.core.transformer.moe.experts import GroupedExperts
+from megatron.core.transformer.moe.allgather_dispatcher import AllGatherTokenDispatcher
+from megatron.core.transformer.moe.alltoall_dispatcher import AllToAllTokenDispatcher
+from megatron.core.transformer.moe.experts import GroupedExperts, shard_expert_weights
 from megatron.core.transformer.moe.router import TopKRouter
-from megatron.core.transformer.moe.token_dispatcher import TokenDispatcher
+from megatron.core.transformer.moe.token_dispatcher import DispatchPlan, TokenDispatcher
+
+TOKEN_DISPATCHER_TYPES = ("alltoall", "allgather")
+
+
+def build_token_dispatcher(moe: MoEConfig, ep_group: Group = None, dispatcher_type: str = "alltoall") -> TokenDispatcher:
+    """The dispatcher for an EP group: the single-device one when the group has one rank."""
+    if dispatcher_type not in TOKEN_DISPATCHER_TYPES:
+        raise ValueError(f"token dispatcher type must be one of {TOKEN_DISPATCHER_TYPES}, got {dispatcher_type!r}")
+    if group_size(ep_group) == 1:
+        return TokenDispatcher.from_config(moe)
+    cls = AllToAllTokenDispatcher if dispatcher_type == "alltoall" else AllGatherTokenDispatcher
+    return cls.from_config(moe, ep_group)
+
+
+def _expert_group(parallel_state: Optional[ParallelState], ep_group: Group) -> Group:
+    """The EP group from either argument, after checking the layouts this layer supports."""
+    if parallel_state is None:
+        return ep_group
+    if ep_group is not None:
+        raise ValueError("pass either parallel_state or ep_group to MoELayer, not both")
+    if parallel_state.size("etp") > 1:
+        raise ValueError(
+            f"expert tensor parallelism (expert-tensor-parallel size {parallel_state.size('etp')}) is not supported "
+            "by the MoE layer; use --expert-tensor-parallel-size 1"
+        )
+    if parallel_state.size("tp") > 1 and not parallel_state.sequence_parallel:
+        raise ValueError("MoE layers with --tensor-model-parallel-size > 1 need --sequence-parallel")
+    return parallel_state.group("ep")
 
 
 @dataclass
@@ -38,17 +79,41 @@ class MoELayer(nn.Module):
     After each forward `last_stats` holds a `MoEStats`.
     """
 
-    def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
+    def __init__(
+        self,
+        config: DeepSeekConfig,
+        layer_idx: int,
+        parallel_state: Optional[ParallelState] = None,
+        *,
+        ep_group: Group = None,
+        token_dispatcher_type: Optional[str] = None,
+    ) -> None:
+        """`parallel_state` (its "ep" group) or `ep_group` enable expert parallelism; neither = one device.
+
+        `token_dispatcher_type` "alltoall" (default) or "allgather" (Megatron's
+        --moe-token-dispatcher-type); when None, `config.moe.token_dispatcher_type` if the config
+        has that field. Ignored when the EP group has one rank.
+        """
         super().__init__()
         if not config.is_moe_layer(layer_idx):
             raise ValueError(f"layer {layer_idx} is dense under this config (first_k_dense={config.first_k_dense})")
         moe = config.moe
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
+        self.ep_group = _expert_group(parallel_state, ep_group)
+        self.ep_size, self.ep_rank = group_size(self.ep_group), group_rank(self.ep_group)
+        if moe.num_experts % self.ep_size:
+            raise ValueError(
+                f"num_experts ({moe.num_experts}) must be divisible by the expert-parallel size ({self.ep_size})"
+            )
+        self.num_local_experts = moe.num_experts // self.ep_size
+        self.local_expert_start = self.ep_rank * self.num_local_experts  # global id of local expert 0
+        if token_dispatcher_type is None:
+            token_dispatcher_type = getattr(moe, "token_dispatcher_type", "alltoall")
         self.router = TopKRouter(config)
-        self.dispatcher = TokenDispatcher.from_config(moe)
+        self.dispatcher = build_token_dispatcher(moe, self.ep_group, token_dispatcher_type)
         self.experts = GroupedExperts(
-            moe.num_experts,
+            self.num_local_experts,
             config.hidden_size,
             moe.ffn_hidden_size,
             use_grouped_gemm=config.kernels.use_grouped_gemm,
@@ -67,6 +132,23 @@ class MoELayer(nn.Module):
         """Apply the aux-loss-free bias update from the load accumulated since the last call."""
         self.router.update_expert_bias(tokens_per_expert)
 
+    @torch.no_grad()
+    def load_full_expert_weights(self, full_gate_up: torch.Tensor, full_down: torch.Tensor) -> None:
+        """Copy this EP rank's experts from full weights gate_up [E, 2I, H] and down [E, H, I]."""
+        for param, full in ((self.experts.gate_up_proj, full_gate_up), (self.experts.down_proj, full_down)):
+            shard = shard_expert_weights(full, self.ep_rank, self.ep_size)
+            if shard.shape != param.shape:
+                raise ValueError(f"expert shard of shape {tuple(shard.shape)} does not fit {tuple(param.shape)}")
+            param.copy_(shard)
+
+    def _run_experts(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Dispatched rows [N, H] -> expert outputs [N, H] (padded plans: [E_local, N / E_local, H] slots)."""
+        if plan.padded:
+            slots = rows.view(self.num_local_experts, -1, self.hidden_size)
+            return self.experts.forward_padded(slots).reshape(-1, self.hidden_size)
+        counts, all_rows_valid = plan.expert_input()
+        return self.experts(rows, counts, all_rows_valid=all_rows_valid)
+
     def forward(self, hidden: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"MoE layer expects [batch, seq, {self.hidden_size}], got {tuple(hidden.shape)}")
@@ -76,18 +158,15 @@ class MoELayer(nn.Module):
         flat_mask = None if token_mask is None else token_mask.reshape(-1)
 
         rows, plan = self.dispatcher.dispatch_preprocess(flat, routing.probs, routing.indices, flat_mask)
-        rows = self.dispatcher.dispatch(rows, plan)
-        if plan.padded:
-            num_experts = self.experts.num_local_experts
-            expert_out = self.experts.forward_padded(rows.view(num_experts, -1, self.hidden_size))
-            expert_out = expert_out.reshape(-1, self.hidden_size)
-        else:
-            expert_out = self.experts(rows, plan.tokens_per_expert, all_rows_valid=plan.all_rows_valid)
+        pending = self.dispatcher.dispatch_async(rows, plan)
+        # The shared experts need no routing: compute them while the dispatch exchange is in flight.
+        shared = None if self.shared_experts is None else self.shared_experts(flat)
+        expert_out = self._run_experts(pending.wait(), plan)
         expert_out = self.dispatcher.combine(expert_out, plan)
         out = self.dispatcher.combine_postprocess(expert_out, plan).to(hidden.dtype)
 
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+        if shared is not None:
+            out = out + shared
         self.last_stats = MoEStats(
             aux_losses=routing.aux_losses,
             tokens_per_expert=routing.tokens_per_expert,

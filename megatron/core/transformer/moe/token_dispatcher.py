@@ -2,9 +2,11 @@
 
 1. `dispatch_preprocess`: local permutation (and capacity drop): tokens [T, H] -> rows grouped
    by expert, plus a `DispatchPlan` remembering where every (token, choice) went.
-2. `dispatch`: communication hook, identity here. An all-to-all / allgather dispatcher over the
-   expert-parallel group overrides it (sending rows to the ranks owning their experts, keeping
-   what it needs to invert the exchange in `plan.extras`).
+2. `dispatch` (or `dispatch_async(...).wait()`): communication hook, identity here. The
+   expert-parallel dispatchers (`alltoall_dispatcher.py`, `allgather_dispatcher.py`) override it,
+   sending rows to the ranks owning their experts; they keep what they need to invert the exchange
+   in `plan.extras` and describe the rows handed to the local experts in
+   `plan.local_tokens_per_expert` / `plan.local_rows_valid` (read them with `plan.expert_input()`).
 3. `combine`: the inverse communication hook, identity here.
 4. `combine_postprocess`: unpermute and take the probability-weighted sum over the k choices.
 
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.config import MoEConfig
+from megatron.core.transformer.moe.ep_comm import Completed, PendingAllToAll
 
 _DROP_POLICIES = ("probs", "position")
 
@@ -51,6 +54,16 @@ class DispatchPlan:
     padded: bool  # buffer is [E * capacity, H], `capacity` slots per expert
     all_rows_valid: bool  # statically known: no tail of dropped rows in the buffer
     extras: Dict[str, Any] = field(default_factory=dict)  # state of communication hooks (EP dispatchers)
+    # Set by an EP `dispatch`: the rows it returns, per LOCAL expert ([E_local] int64), and whether
+    # statically every row is valid. None: the rows are the preprocess buffer (one device).
+    local_tokens_per_expert: Optional[torch.Tensor] = None
+    local_rows_valid: Optional[bool] = None
+
+    def expert_input(self) -> Tuple[torch.Tensor, bool]:
+        """(rows per local expert [E_local], all_rows_valid) of the buffer `dispatch` returned."""
+        if self.local_tokens_per_expert is None:
+            return self.tokens_per_expert, self.all_rows_valid
+        return self.local_tokens_per_expert, bool(self.local_rows_valid)
 
 
 def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: Optional[float]) -> Optional[int]:
@@ -109,22 +122,12 @@ class TokenDispatcher:
         N = T * k, or E * capacity with pad_to_capacity (rows of expert e at [e*C, (e+1)*C)).
         """
         num_tokens, topk = indices.shape
-        if topk != self.topk or probs.shape != indices.shape or hidden.shape[0] != num_tokens:
-            raise ValueError(
-                f"dispatcher (k={self.topk}) got hidden {tuple(hidden.shape)}, probs {tuple(probs.shape)}, "
-                f"indices {tuple(indices.shape)}"
-            )
-        capacity = self.capacity(num_tokens)
-        real = None if token_mask is None else token_mask.reshape(num_tokens).to(torch.bool)
+        capacity, real = self._check_inputs(hidden, probs, indices, token_mask)
         if self.pad_to_capacity:
             assert capacity is not None
             return self._preprocess_padded(hidden, probs, indices, real, capacity)
 
-        keep: Optional[torch.Tensor] = None
-        if capacity is not None:
-            keep, _, _ = self._select_within_capacity(probs, indices, real, capacity)
-        elif real is not None:
-            keep = real.unsqueeze(-1).expand(num_tokens, topk)
+        keep = self._keep(probs, indices, real, capacity)
         flat_expert = indices.reshape(-1)
         # Stable sort by expert: rows of one expert stay in token order; dropped ones go last (key E).
         key = flat_expert if keep is None else torch.where(keep.reshape(-1), flat_expert, self.num_experts)
@@ -149,6 +152,29 @@ class TokenDispatcher:
             all_rows_valid=keep is None,
         )
         return rows, plan
+
+    def _check_inputs(
+        self, hidden: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor, token_mask: Optional[torch.Tensor]
+    ) -> Tuple[Optional[int], Optional[torch.Tensor]]:
+        """Validate shapes; returns (capacity or None, real-token mask [T] bool or None)."""
+        num_tokens, topk = indices.shape
+        if topk != self.topk or probs.shape != indices.shape or hidden.shape[0] != num_tokens:
+            raise ValueError(
+                f"dispatcher (k={self.topk}) got hidden {tuple(hidden.shape)}, probs {tuple(probs.shape)}, "
+                f"indices {tuple(indices.shape)}"
+            )
+        real = None if token_mask is None else token_mask.reshape(num_tokens).to(torch.bool)
+        return self.capacity(num_tokens), real
+
+    def _keep(
+        self, probs: torch.Tensor, indices: torch.Tensor, real: Optional[torch.Tensor], capacity: Optional[int]
+    ) -> Optional[torch.Tensor]:
+        """[T, k] bool: assignments kept after padding and capacity drop; None when all are kept."""
+        if capacity is not None:
+            return self._select_within_capacity(probs, indices, real, capacity)[0]
+        if real is not None:
+            return real.unsqueeze(-1).expand(indices.shape)
+        return None
 
     def _select_within_capacity(
         self, probs: torch.Tensor, indices: torch.Tensor, real: Optional[torch.Tensor], capacity: int
@@ -185,6 +211,29 @@ class TokenDispatcher:
         capacity: int,
     ) -> Tuple[torch.Tensor, DispatchPlan]:
         num_tokens, topk = indices.shape
+        keep, slot_token, slot_valid, assignment_row = self._padded_slots(probs, indices, real, capacity)
+        rows = hidden.index_select(0, slot_token.reshape(-1))
+        rows = torch.where(slot_valid.reshape(-1, 1), rows, 0.0)  # [E * C, H]
+        plan = DispatchPlan(
+            num_tokens=num_tokens,
+            topk=topk,
+            assignment_row=assignment_row,
+            assignment_weight=probs,
+            keep=keep,
+            tokens_per_expert=slot_valid.sum(dim=1),
+            dropped_fraction=self._dropped_fraction(keep, real, topk, indices.device),
+            capacity=capacity,
+            padded=True,
+            all_rows_valid=False,
+        )
+        return rows, plan
+
+    def _padded_slots(
+        self, probs: torch.Tensor, indices: torch.Tensor, real: Optional[torch.Tensor], capacity: int
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fixed-capacity layout: keep [T, k], slot_token [E, C] (token in slot c of expert e),
+        slot_valid [E, C] and assignment_row [T, k] = e * C + c of each kept assignment (0 if dropped)."""
+        num_tokens = indices.shape[0]
         keep, slot_token, slot_valid = self._select_within_capacity(probs, indices, real, capacity)
         # Row of each kept assignment: slot c of expert e is row e * capacity + c; scatter the slot
         # rows back to [T, E] (tokens are distinct within a column), then read the k choices.
@@ -197,22 +246,7 @@ class TokenDispatcher:
         if short > 0:
             slot_token = F.pad(slot_token, (0, 0, 0, short))
             slot_valid = F.pad(slot_valid, (0, 0, 0, short), value=False)
-        slot_token, slot_valid = slot_token.t(), slot_valid.t()  # [E, C]
-        rows = hidden.index_select(0, slot_token.reshape(-1))
-        rows = torch.where(slot_valid.reshape(-1, 1), rows, 0.0)  # [E * C, H]
-        plan = DispatchPlan(
-            num_tokens=num_tokens,
-            topk=topk,
-            assignment_row=row_map.gather(1, indices),
-            assignment_weight=probs,
-            keep=keep,
-            tokens_per_expert=slot_valid.sum(dim=1),
-            dropped_fraction=self._dropped_fraction(keep, real, topk, indices.device),
-            capacity=capacity,
-            padded=True,
-            all_rows_valid=False,
-        )
-        return rows, plan
+        return keep, slot_token.t(), slot_valid.t(), row_map.gather(1, indices)
 
     @staticmethod
     def _dropped_fraction(
@@ -233,6 +267,11 @@ class TokenDispatcher:
         """Send rows to the ranks that own their experts (identity on one device)."""
         return tokens
 
+    def dispatch_async(self, tokens: torch.Tensor, plan: DispatchPlan) -> PendingAllToAll:
+        """Start `dispatch`; `.wait()` returns its rows. Work done before the wait (the shared
+        experts) overlaps the exchange where the dispatcher supports it; here it is `dispatch`."""
+        return Completed(self.dispatch(tokens, plan))
+
     def combine(self, expert_output: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Bring expert outputs back to the ranks that own their tokens (identity on one device)."""
         return expert_output
@@ -245,10 +284,21 @@ class TokenDispatcher:
         its backward is the scatter-add into the expert rows. Dropped assignments are masked
         before the multiply, so neither the output nor any gradient sees their rows.
         """
-        hidden = expert_output.shape[-1]
-        gathered = expert_output.index_select(0, plan.assignment_row.reshape(-1))
-        gathered = gathered.view(plan.num_tokens, plan.topk, hidden).float()
-        if plan.keep is not None:
-            gathered = torch.where(plan.keep.unsqueeze(-1), gathered, 0.0)
-        weighted = gathered * plan.assignment_weight.float().unsqueeze(-1)
-        return weighted.sum(dim=1).to(expert_output.dtype)
+        return weighted_unpermute(expert_output, plan.assignment_row, plan.assignment_weight, plan.keep)
+
+
+def weighted_unpermute(
+    expert_output: torch.Tensor, row: torch.Tensor, weight: torch.Tensor, keep: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """out[t] = sum_j keep_tj * weight_tj * expert_output[row_tj]: [N, H], [T, k] x3 -> [T, H].
+
+    Summed in fp32 in a fixed order over k, cast to expert_output's dtype. Rows of dropped
+    assignments (keep False) are masked before the multiply: no output, no gradient.
+    """
+    num_tokens, topk = row.shape
+    gathered = expert_output.index_select(0, row.reshape(-1))
+    gathered = gathered.view(num_tokens, topk, expert_output.shape[-1]).float()
+    if keep is not None:
+        gathered = torch.where(keep.unsqueeze(-1), gathered, 0.0)
+    weighted = gathered * weight.float().unsqueeze(-1)
+    return weighted.sum(dim=1).to(expert_output.dtype)
