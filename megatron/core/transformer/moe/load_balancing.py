@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron.core.tensor_parallel.mappings import Group, all_reduce, group_size, reduce_from_region
+
 if TYPE_CHECKING:
     from megatron.core.parallel_state import ParallelState
 
@@ -93,21 +95,30 @@ def sequence_aux_loss(
     topk: int,
     coeff: float,
     token_mask: Optional[torch.Tensor] = None,
+    sequence_group: Group = None,
 ) -> torch.Tensor:
     """DeepSeek-V3 complementary sequence-wise balance loss (paper eq. 17-20), averaged over sequences.
 
     scores [B, S, E] (unnormalised router scores, with grad), indices [B, S, k], token_mask [B, S].
     Per sequence with T real tokens: f_i = E / (k T) * #tokens choosing i, P_i = mean_t s'_{i,t},
     loss = coeff * sum_i f_i P_i. Sequences without real tokens are left out of the mean.
+
+    sequence_group: under sequence parallelism each rank of this (TP) group holds a slice of every
+    sequence; the per-sequence counts and score sums are then summed over it, so every rank gets
+    the loss of the whole sequences and backward reaches each rank's own tokens.
     """
     batch, seq, num_experts = scores.shape
     mask = torch.ones(batch, seq, dtype=torch.bool, device=scores.device) if token_mask is None else token_mask
     maskf = mask.to(scores.dtype)
     real = maskf.sum(dim=1)  # [B]
-    denom = real.clamp(min=1.0)
     counts = expert_counts(indices, num_experts, mask).to(scores.dtype)  # [B, E]
+    score_sums = (normalized_scores(scores) * maskf.unsqueeze(-1)).sum(dim=1)  # [B, E]
+    if group_size(sequence_group) > 1:
+        real, counts = all_reduce(real, sequence_group), all_reduce(counts, sequence_group)
+        score_sums = reduce_from_region(score_sums, sequence_group)  # backward: identity
+    denom = real.clamp(min=1.0)
     f = counts * (num_experts / topk) / denom.unsqueeze(-1)
-    p = (normalized_scores(scores) * maskf.unsqueeze(-1)).sum(dim=1) / denom.unsqueeze(-1)  # [B, E]
+    p = score_sums / denom.unsqueeze(-1)  # [B, E]
     per_seq = (f * p).sum(dim=-1)  # [B]
     has_tokens = (real > 0).to(scores.dtype)
     return coeff * (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
@@ -119,6 +130,7 @@ def expert_aux_loss(
     topk: int,
     coeff: float,
     token_mask: Optional[torch.Tensor] = None,
+    sequence_group: Group = None,
 ) -> torch.Tensor:
     """DeepSeek-V2 expert-level balance loss over all tokens of the micro-batch.
 
@@ -126,18 +138,29 @@ def expert_aux_loss(
     f_i = E / (k T) * #tokens choosing i, P_i = mean_t s'_{i,t}, loss = coeff * sum_i f_i P_i.
     """
     loss = sequence_aux_loss(
-        scores.unsqueeze(0), indices.unsqueeze(0), topk, coeff, None if token_mask is None else token_mask.unsqueeze(0)
+        scores.unsqueeze(0),
+        indices.unsqueeze(0),
+        topk,
+        coeff,
+        None if token_mask is None else token_mask.unsqueeze(0),
+        sequence_group,
     )
     return loss
 
 
-def z_loss(logits: torch.Tensor, coeff: float, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Router z-loss: coeff * mean over real tokens of logsumexp(logits)^2. logits [T, E] fp32."""
+def z_loss(
+    logits: torch.Tensor, coeff: float, token_mask: Optional[torch.Tensor] = None, sequence_group: Group = None
+) -> torch.Tensor:
+    """Router z-loss: coeff * mean over real tokens of logsumexp(logits)^2. logits [T, E] fp32.
+
+    Under sequence parallelism (`sequence_group`) the mean runs over the tokens of all its ranks.
+    """
     lse_sq = torch.logsumexp(logits.float(), dim=-1).square()
-    if token_mask is None:
-        return coeff * lse_sq.mean()
-    maskf = token_mask.to(lse_sq.dtype)
-    return coeff * (lse_sq * maskf).sum() / maskf.sum().clamp(min=1.0)
+    maskf = torch.ones_like(lse_sq) if token_mask is None else token_mask.to(lse_sq.dtype)
+    total, count = (lse_sq * maskf).sum(), maskf.sum()
+    if group_size(sequence_group) > 1:
+        total, count = reduce_from_region(total, sequence_group), all_reduce(count, sequence_group)
+    return coeff * total / count.clamp(min=1.0)
 
 
 @torch.no_grad()

@@ -110,7 +110,10 @@ class MoELayer(nn.Module):
         self.local_expert_start = self.ep_rank * self.num_local_experts  # global id of local expert 0
         if token_dispatcher_type is None:
             token_dispatcher_type = getattr(moe, "token_dispatcher_type", "alltoall")
-        self.router = TopKRouter(config)
+        sequence_group = None
+        if parallel_state is not None and parallel_state.sequence_parallel and parallel_state.size("tp") > 1:
+            sequence_group = parallel_state.group("tp")
+        self.router = TopKRouter(config, sequence_group=sequence_group)
         self.dispatcher = build_token_dispatcher(moe, self.ep_group, token_dispatcher_type)
         self.experts = GroupedExperts(
             self.num_local_experts,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.config import DeepSeekConfig
+from megatron.core.tensor_parallel.mappings import Group
 from megatron.core.transformer.moe import load_balancing as lb
 
 # Added to the sum of the k selected sigmoid scores before normalising (as HF / DeepSeek do).
@@ -105,8 +106,11 @@ class TopKRouter(nn.Module):
     the step's update and resets the buffer.
     """
 
-    def __init__(self, config: DeepSeekConfig) -> None:
+    def __init__(self, config: DeepSeekConfig, sequence_group: Optional[Group] = None) -> None:
+        """sequence_group: the TP group under sequence parallelism (its ranks hold slices of the
+        same sequences; the auxiliary losses are computed over whole sequences across it)."""
         super().__init__()
+        self.sequence_group = sequence_group
         moe = config.moe
         moe.validate()
         self.config = moe
@@ -230,9 +234,12 @@ class TopKRouter(nn.Module):
                 moe.topk,
                 moe.aux_loss_coeff,
                 None if flat_mask is None else flat_mask.view(batch, seq),
+                self.sequence_group,
             )
         elif moe.load_balancing_type == "aux_loss":
-            losses["aux_loss"] = lb.expert_aux_loss(scores, indices, moe.topk, moe.aux_loss_coeff, flat_mask)
+            losses["aux_loss"] = lb.expert_aux_loss(
+                scores, indices, moe.topk, moe.aux_loss_coeff, flat_mask, self.sequence_group
+            )
         if moe.z_loss_coeff is not None and moe.z_loss_coeff > 0:
-            losses["z_loss"] = lb.z_loss(logits, moe.z_loss_coeff, flat_mask)
+            losses["z_loss"] = lb.z_loss(logits, moe.z_loss_coeff, flat_mask, self.sequence_group)
         return losses
