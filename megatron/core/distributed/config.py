@@ -1,0 +1,52 @@
+"""Configuration of the data-parallel gradient buffers (Megatron's `DistributedDataParallelConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class DDPConfig:
+    """How gradients are accumulated and reduced over the data-parallel ranks.
+
+    bucket_size_mb: size of one communication bucket in MiB of gradient storage. Smaller buckets
+        start their collective earlier in backward (more overlap) but pay more launch latency.
+        None puts every parameter of a buffer in a single bucket.
+    overlap_grad_reduce: start a bucket's all-reduce / reduce-scatter from the backward hooks as
+        soon as all its parameters have their gradient (Megatron's --overlap-grad-reduce).
+    use_distributed_optimizer: reduce-scatter gradients so each DP rank keeps only its shard
+        (ZeRO-1), and keep parameters in a flat buffer so updated shards can be all-gathered.
+        Must agree with the optimizer's `use_distributed_optimizer`.
+    grad_reduce_in_fp32: accumulate and reduce gradients in fp32 even for bf16 parameters
+        (Megatron's --accumulate-allreduce-grads-in-fp32; Megatron turns it on with --bf16).
+    average_in_collective: average with ReduceOp.AVG inside the collective instead of scaling
+        the gradients by 1/size before a SUM. Needs a backend with ReduceOp.AVG (nccl; gloo in
+        recent torch); the backend raises otherwise.
+    """
+
+    bucket_size_mb: Optional[float] = 40.0
+    overlap_grad_reduce: bool = False
+    use_distributed_optimizer: bool = False
+    grad_reduce_in_fp32: bool = False
+    average_in_collective: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bucket_size_mb is not None and not self.bucket_size_mb > 0:
+            raise ValueError(f"bucket_size_mb must be > 0 (or None for one bucket), got {self.bucket_size_mb}")
+
+    @classmethod
+    def from_run_config(cls, run: Any, **overrides: Any) -> "DDPConfig":
+        """Build from a training `RunConfig` (duck-typed: core does not import the training package).
+
+        Reads run.optimizer.{use_distributed_optimizer, overlap_grad_reduce} and
+        run.training.accumulate_allreduce_grads_in_fp32 (forced on with bf16, as Megatron does).
+        """
+        opt, training = run.optimizer, run.training
+        values = dict(
+            overlap_grad_reduce=bool(opt.overlap_grad_reduce),
+            use_distributed_optimizer=bool(opt.use_distributed_optimizer),
+            grad_reduce_in_fp32=bool(training.accumulate_allreduce_grads_in_fp32 or training.bf16),
+        )
+        values.update(overrides)
+        return cls(**values)
