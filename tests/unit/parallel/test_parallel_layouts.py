@@ -52,5 +52,5 @@ def test_reference_really_trains():
     config, init, reference = _reference(True, False)
     assert len(set(round(x, 6) for x in reference["losses"])) == len(reference["losses"])
     moved = [name for name, t in reference["final"].items() if name in init and not t.equal(init[name])]
-    assert "layers.1.mlp.router.expert_bias" in moved and "mtp.0.eh_proj.weight" in moved
-    assert "layers.2.mlp.experts.gate_up_proj" in moved
+    assert "mtp.0.eh_proj.weight" in moved and "layers.2.mlp.experts.gate_up_proj" in moved
+    assert sum(name.endswith("expert_bias") for name in moved) >= 2  # the bias updates take part
