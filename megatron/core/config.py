@@ -163,6 +163,50 @@ class KernelConfig:
     use_grouped_gemm: bool = True  # torch grouped_mm where available, else a loop over experts
 
 
+_RECOMPUTE_GRANULARITY = (None, "full", "selective")
+_RECOMPUTE_METHODS = (None, "uniform", "block")
+_RECOMPUTE_MODULES = ("core_attn", "moe")
+
+
+@dataclass(frozen=True)
+class RecomputeConfig:
+    """Activation recomputation (Megatron's --recompute-* flags): trade compute for memory.
+
+    full + uniform: the stage's layers in chunks of `num_layers`, each chunk's inputs kept only;
+    full + block: the first `num_layers` layers of the stage, each recomputed on its own;
+    selective: only the listed `modules` ("core_attn": the softmax(QK^T)V part; "moe": whole MoE MLPs).
+    """
+
+    granularity: Optional[str] = None
+    method: Optional[str] = None
+    num_layers: Optional[int] = None
+    modules: tuple = ()
+
+    def __post_init__(self) -> None:
+        if self.granularity not in _RECOMPUTE_GRANULARITY:
+            raise ValueError(f"--recompute-granularity must be one of full, selective; got {self.granularity!r}")
+        if self.granularity == "full":
+            if self.method not in ("uniform", "block"):
+                raise ValueError("--recompute-granularity full needs --recompute-method uniform or block")
+            if not self.num_layers or self.num_layers < 1:
+                raise ValueError("--recompute-granularity full needs --recompute-num-layers >= 1")
+        if self.method not in _RECOMPUTE_METHODS:
+            raise ValueError(f"--recompute-method must be uniform or block, got {self.method!r}")
+        unknown = [m for m in self.modules if m not in _RECOMPUTE_MODULES]
+        if unknown:
+            raise ValueError(f"--recompute-modules: unknown {unknown}; supported: {_RECOMPUTE_MODULES}")
+        if self.granularity == "selective" and not self.modules:
+            raise ValueError("--recompute-granularity selective needs --recompute-modules (core_attn and/or moe)")
+
+    @property
+    def core_attention(self) -> bool:
+        return self.granularity == "selective" and "core_attn" in self.modules
+
+    @property
+    def moe(self) -> bool:
+        return self.granularity == "selective" and "moe" in self.modules
+
+
 @dataclass(frozen=True)
 class DeepSeekConfig:
     """The whole model. Defaults are DeepSeek-V3 671B's sizes (see presets for others)."""

@@ -30,8 +30,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from megatron.core.config import DeepSeekConfig
+from megatron.core.config import DeepSeekConfig, RecomputeConfig
 from megatron.core.tensor_parallel import (
     VocabParallelEmbedding,
     gather_from_region,
@@ -71,10 +72,14 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLUMLP(config.hidden_size, config.ffn_hidden_size, tp=tp, init_method_std=config.init_method_std)
         tp.mark_sequence_parallel([self.input_layernorm.weight, self.post_attention_layernorm.weight])
+        self.recompute_mlp = False  # selective recompute of the MoE MLP (set by the model)
 
     def forward(self, hidden: torch.Tensor, rotary_pos_emb: RotaryTables) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary_pos_emb=rotary_pos_emb)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        normed = self.post_attention_layernorm(hidden)
+        if self.recompute_mlp and torch.is_grad_enabled():
+            return hidden + checkpoint(self.mlp, normed, use_reentrant=False)
+        return hidden + self.mlp(normed)
 
 
 class MTPDepth(nn.Module):
@@ -130,6 +135,12 @@ def roll_left(tensor: torch.Tensor, shift: int, fill: int | float = 0) -> torch.
     return rolled
 
 
+def _run_chunk(layers: List[DecoderLayer], hidden: torch.Tensor, rotary: RotaryTables) -> torch.Tensor:
+    for layer in layers:
+        hidden = layer(hidden, rotary)
+    return hidden
+
+
 class LayerDict(nn.ModuleDict):
     """Decoder layers keyed by their GLOBAL index ("layers.{i}" in every pipeline layout);
     `layers[i]` accepts the int index too."""
@@ -161,9 +172,10 @@ class DeepSeekModel(nn.Module):
         pre_process: bool = True,
         post_process: bool = True,
         moe_kwargs: Optional[dict] = None,
+        recompute: RecomputeConfig = RecomputeConfig(),
     ) -> None:
         super().__init__()
-        self.config, self.tp = config, tp
+        self.config, self.tp, self.recompute = config, tp, recompute
         self.pre_process, self.post_process = pre_process, post_process
         start, end = layer_range if layer_range is not None else (0, config.num_layers)
         if not 0 <= start <= end <= config.num_layers:
@@ -194,7 +206,13 @@ class DeepSeekModel(nn.Module):
                 self.output_layer.weight = self.embedding.weight
             self.mtp = nn.ModuleList(MTPDepth(config, d, tp, moe_kwargs) for d in range(config.mtp.num_layers))
         self.input_tensor: Optional[torch.Tensor] = None
+        for layer in self._all_decoder_layers():
+            layer.recompute_mlp = recompute.moe and layer.is_moe
+            layer.self_attn.recompute_core_attention = recompute.core_attention
         self.reset_parameters()
+
+    def _all_decoder_layers(self) -> List[DecoderLayer]:
+        return [m for m in self.modules() if isinstance(m, DecoderLayer)]
 
     def _build_embedding(self) -> nn.Module:
         if not self.tp.enabled:
@@ -251,8 +269,7 @@ class DeepSeekModel(nn.Module):
                 raise RuntimeError("a pipeline stage without the embedding needs set_input_tensor() before forward")
             hidden = self.input_tensor
         rotary = self.rotary(input_ids.shape[1], device=hidden.device, dtype=hidden.dtype, position_ids=position_ids)
-        for layer in self.layers.values():
-            hidden = layer(hidden, rotary)
+        hidden = self._run_layers(hidden, rotary)
         if not self.post_process:
             return hidden
         out = ModelOutput()
@@ -274,6 +291,24 @@ class DeepSeekModel(nn.Module):
                 for name, value in stats.aux_losses.items():
                     out.moe_aux_losses[name] = out.moe_aux_losses.get(name, 0.0) + value
         return out
+
+    def _run_layers(self, hidden: torch.Tensor, rotary: RotaryTables) -> torch.Tensor:
+        """The stage's decoder layers, with full recompute when configured (only while training)."""
+        layers = list(self.layers.values())
+        rc = self.recompute
+        if rc.granularity != "full" or not torch.is_grad_enabled():
+            for layer in layers:
+                hidden = layer(hidden, rotary)
+            return hidden
+        if rc.method == "uniform":
+            # Chunks of num_layers layers; only each chunk's input is kept for backward.
+            for start in range(0, len(layers), rc.num_layers):
+                chunk = layers[start : start + rc.num_layers]
+                hidden = checkpoint(_run_chunk, chunk, hidden, rotary, use_reentrant=False)
+            return hidden
+        for i, layer in enumerate(layers):  # block: the first num_layers layers, one by one
+            hidden = checkpoint(layer, hidden, rotary, use_reentrant=False) if i < rc.num_layers else layer(hidden, rotary)
+        return hidden
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy in fp32. logits [b, s, V(/tp)], labels [b, s] -> [b, s]."""
