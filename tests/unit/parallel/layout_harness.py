@@ -123,7 +123,7 @@ def reference_run(config: DeepSeekConfig, init: Dict[str, torch.Tensor]) -> dict
     model.load_state_dict(init)
     state = ParallelState.build(ParallelConfig())
     opt = build_optimizer([model], OptimizerConfig(**OPTIMIZER), state)
-    losses, norms = [], []
+    losses, norms, dropped = [], [], 0.0
     for step in range(STEPS):
         opt.zero_grad()
         mbs = micro_batches(step, 0, 1)
@@ -133,13 +133,16 @@ def reference_run(config: DeepSeekConfig, init: Dict[str, torch.Tensor]) -> dict
             loss = model.loss(model(mb["tokens"], labels=mb["labels"]), mb["loss_mask"]) / len(mbs)
             loss.backward()
             total += loss.item()
+            for moe in model.moe_layers():
+                if moe.last_stats.dropped_fraction is not None:
+                    dropped = max(dropped, float(moe.last_stats.dropped_fraction))
         ok, norm, _ = opt.step()
         assert ok
         update_expert_bias(model)
         losses.append(total)
         norms.append(norm)
     final = {k: v.clone() for k, v in model.state_dict().items()}
-    return {"losses": losses, "norms": norms, "final": final}
+    return {"losses": losses, "norms": norms, "final": final, "dropped": dropped}
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

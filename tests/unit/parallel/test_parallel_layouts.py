@@ -40,6 +40,7 @@ def _reference(moe: bool, drop: bool):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[layout.name for layout in LAYOUTS])
 def test_layout_matches_single_process(layout):
     config, init, reference = _reference(layout.moe, layout.drop)
+    assert (reference["dropped"] > 0) == layout.drop, "token drop must really drop tokens (and only when on)"
     worst = compare(reference, parallel_run(layout, config, init))
     print(f"{layout.name}: {worst}")
     assert worst["loss"] <= TOLERANCE, worst
