@@ -1,0 +1,362 @@
+"""Megatron-style pre-training entry point: `pretrain(argv)` runs a whole job.
+
+One iteration (the call sequence of tests/unit/parallel/layout_harness.py):
+zero_grad -> forward_backward over this rank's micro-batches (aux-loss scale 1/num_microbatches)
+-> mark_step -> finalize_model_grads -> set lr -> optimizer.step -> update_expert_bias (loads
+summed over the stage's TP x DP ranks) -> mark_step -> scheduler step. Logging, evaluation,
+checkpointing, exit conditions and profiling live around that step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.parallel_state import ParallelState
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.load_balancing import set_aux_loss_scale, stage_load_all_reduce, update_expert_bias
+from megatron.training.arguments import parse_args
+from megatron.training.config import RunConfig
+from megatron.training.flops import flops_per_token, measured_matmul_peak, peak_flops
+from megatron.training.initialize import (
+    destroy_distributed,
+    initialize_distributed,
+    launcher_env,
+    resolve_device,
+    set_random_seeds,
+)
+from megatron.training.lr_scheduler import OptimizerParamScheduler
+from megatron.training.model_builder import ModelStage, build_model_stage, count_parameters
+from megatron.training.training_data import build_data_iterators, build_datasets, build_tokenizer_for_run
+from megatron.training.training_log import TrainingLogger, moe_scalars
+
+ForwardStep = Callable[[Any, Any], Tuple[Any, Callable]]
+
+
+def print_rank_0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+# ---- forward step -----------------------------------------------------------------------------
+def gpt_forward_step(data_iterator: Any, model: Any) -> Tuple[Any, Callable]:
+    """One micro-batch: every stage reads the batch; the last stage's loss_func reports lm / mtp / aux."""
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    tokens = batch["tokens"].to(device)
+    labels = batch["labels"].to(device)
+    loss_mask = batch["loss_mask"].to(device)
+    position_ids = batch["position_ids"].to(device) if "position_ids" in batch else None
+    out = model(tokens, labels=labels, position_ids=position_ids)
+
+    def loss_func(output: Any) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        loss = model.loss(output, loss_mask)
+        mask = loss_mask.float()
+        denom = mask.sum().clamp(min=1.0)
+        reported = {"lm loss": ((output.losses.float() * mask).sum() / denom).detach()}
+        for depth, losses in enumerate(output.mtp_losses, start=1):
+            m = torch.roll(mask, -depth, dims=-1)
+            m[..., -depth:] = 0
+            reported[f"mtp_{depth} loss"] = ((losses.float() * m).sum() / m.sum().clamp(min=1.0)).detach()
+        for name, value in output.moe_aux_losses.items():
+            reported[name] = torch.as_tensor(value).detach().float()
+        return loss, reported
+
+    return out, loss_func
+
+
+# ---- state of a run -----------------------------------------------------------------------------
+class _Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    def __init__(self, run: RunConfig, state: ParallelState, device: Any, stage: ModelStage,
+                 scheduler: OptimizerParamScheduler, iterators: Dict[str, Any], logger: TrainingLogger,
+                 iteration: int, consumed: Dict[str, int], forward_step: ForwardStep, rank: int) -> None:
+        self.run, self.state, self.device, self.stage = run, state, device, stage
+        self.scheduler, self.iterators, self.logger = scheduler, iterators, logger
+        self.iteration, self.consumed, self.forward_step, self.rank = iteration, consumed, forward_step, rank
+        self.schedule = get_forward_backward_func(run.parallel.pipeline_model_parallel_size)
+        self.load_reduce = stage_load_all_reduce(state)
+        self.sigterm = False
+        self.start_time = time.time()
+
+    @property
+    def model(self) -> Any:
+        return self.stage.model
+
+    def tensor_shape(self) -> Tuple[int, int, int]:
+        seq = self.run.data.seq_length
+        if self.run.parallel.sequence_parallel:
+            seq //= self.run.parallel.tensor_model_parallel_size
+        return (self.run.training.micro_batch_size, seq, self.run.model.hidden_size)
+
+    def run_schedule(self, iterator: Any, forward_only: bool) -> List[Dict[str, torch.Tensor]]:
+        return self.schedule(
+            forward_step_func=self.forward_step, data_iterator=iterator, model=self.stage.ddp,
+            num_microbatches=self.run.num_microbatches, tensor_shape=self.tensor_shape(),
+            dtype=next(self.model.parameters()).dtype, parallel_state=self.state, forward_only=forward_only,
+            device=self.device, grad_sync_context=None if forward_only else self.stage.ddp.no_sync,
+            aux_loss_scale_func=None if forward_only else partial(set_aux_loss_scale, self.model),
+        )
+
+    def reduce_losses(self, reported: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Micro-batch means averaged over the data-parallel ranks (last stage only; {} elsewhere)."""
+        if not self.state.is_last_stage or not reported:
+            return {}
+        names = list(reported[0])
+        stacked = torch.stack([torch.stack([r[n].float() for n in names]) for r in reported]).mean(0)
+        if self.state.size("dp") > 1:
+            dist.all_reduce(stacked, group=self.state.group("dp"))
+            stacked /= self.state.size("dp")
+        return dict(zip(names, stacked.tolist()))
+
+
+# ---- one iteration -------------------------------------------------------------------------------
+def train_step(r: _Run) -> Tuple[Dict[str, float], bool, Optional[float], Optional[int]]:
+    """(losses, update applied, grad norm, num zeros)."""
+    t = r.run.training
+    opt = r.stage.optimizer
+    opt.zero_grad()
+    if r.iteration + 1 in t.iterations_to_skip:  # Megatron: read the batch, skip the update
+        for _ in range(r.run.num_microbatches):
+            next(r.iterators["train"])
+        return {}, False, None, None
+    reported = r.run_schedule(r.iterators["train"], forward_only=False)
+    r.device.mark_step()
+    finalize_model_grads([r.stage.ddp], r.state)
+    opt.set_lr(r.scheduler.get_lr())
+    ok, grad_norm, num_zeros = opt.step()
+    losses = r.reduce_losses(reported)
+    if ok:
+        update_expert_bias(r.model, all_reduce=r.load_reduce)
+    r.device.mark_step()
+    return losses, ok, grad_norm, num_zeros
+
+
+def _nan_in(losses: Dict[str, float]) -> bool:
+    return any(not math.isfinite(v) for v in losses.values())
+
+
+@torch.no_grad()
+def evaluate(r: _Run, split: str = "valid") -> Dict[str, float]:
+    """Mean losses over --eval-iters forward-only iterations of `split`."""
+    iterator = r.iterators.get(split)
+    if iterator is None or r.run.training.eval_iters <= 0:
+        return {}
+    r.model.eval()
+    sums: Dict[str, float] = {}
+    for _ in range(r.run.training.eval_iters):
+        losses = r.reduce_losses(r.run_schedule(iterator, forward_only=True))
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v
+        r.consumed[split] = r.consumed.get(split, 0) + r.run.training.global_batch_size
+        r.device.mark_step()
+    r.model.train()
+    return {k: v / r.run.training.eval_iters for k, v in sums.items() if "aux" not in k}
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def _checkpointing():
+    try:
+        from megatron.training import checkpointing
+    except ImportError as exc:
+        raise RuntimeError(f"--save/--load need megatron.training.checkpointing, which failed to import: {exc}") from exc
+    return checkpointing
+
+
+def save(r: _Run) -> None:
+    c = r.run.checkpoint
+    if not c.save:
+        return
+    print_rank_0(f"saving checkpoint at iteration {r.iteration} to {c.save}")
+    _checkpointing().save_checkpoint(
+        c.save, r.iteration, r.stage.chunks, None if c.no_save_optim else r.stage.optimizer,
+        r.scheduler.state_dict(), r.run, r.state, dict(r.consumed), rng=not c.no_save_rng,
+    )
+
+
+def _load(run: RunConfig, state: ParallelState, stage: ModelStage, scheduler: OptimizerParamScheduler
+          ) -> Tuple[int, Dict[str, int]]:
+    c = run.checkpoint
+    if not c.load:
+        return 0, {"train": 0, "valid": 0, "test": 0}
+    loaded = _checkpointing().load_checkpoint(
+        c.load, stage.chunks, stage.optimizer, run, state, load_optim=not c.no_load_optim,
+        load_rng=not c.no_load_rng, finetune=c.finetune,
+    )
+    if loaded is None:
+        if c.exit_on_missing_checkpoint:
+            raise ValueError(f"--exit-on-missing-checkpoint: no checkpoint in {c.load}")
+        print_rank_0(f"no checkpoint found in {c.load}: training from scratch")
+        return 0, {"train": 0, "valid": 0, "test": 0}
+    if c.finetune:
+        return 0, {"train": 0, "valid": 0, "test": 0}
+    sched = loaded.get("scheduler_state") or {}
+    if sched and not run.scheduler.override_opt_param_scheduler:
+        scheduler.load_state_dict(sched, use_checkpoint_values=run.scheduler.use_checkpoint_opt_param_scheduler)
+    consumed = {"train": 0, "valid": 0, "test": 0, **dict(loaded.get("consumed_samples") or {})}
+    print_rank_0(f"loaded checkpoint from {c.load} at iteration {loaded['iteration']}")
+    return int(loaded["iteration"]), consumed
+
+
+# ---- setup / loop --------------------------------------------------------------------------------
+def _peak(run: RunConfig, device: Any) -> float:
+    name = torch.cuda.get_device_name() if device.kind == "cuda" else ("GAUDI2" if device.kind == "hpu" else "cpu")
+    peak = peak_flops(device.kind, name, run.model.params_dtype)
+    return peak if peak is not None else measured_matmul_peak(getattr(torch, run.model.params_dtype))
+
+
+def setup(run: RunConfig, rank: int, local_rank: int, forward_step: ForwardStep) -> _Run:
+    device = resolve_device(run.device.device, run.device.lazy_mode)
+    state = ParallelState.build(run.parallel)
+    set_random_seeds(run.training.seed, state.rank_in("pp"), device)
+    for note in run.notes:
+        print_rank_0(f"note: {note}")
+    tokenizer, run = build_tokenizer_for_run(run)
+    stage = build_model_stage(run, state, device, local_rank)
+    scheduler = OptimizerParamScheduler.from_run_config(stage.optimizer, run)
+    iteration, consumed = _load(run, state, stage, scheduler)
+    iterators = build_data_iterators(run, state, build_datasets(run, tokenizer), consumed)
+    logging_rank = state.is_last_stage and state.rank_in("tp") == 0 and state.rank_in("dp") == 0
+    logger = TrainingLogger(run, logging_rank, flops_per_token(run.model, run.data.seq_length)["train"],
+                            _peak(run, device), run.distributed.world_size)
+    print_rank_0(f"> stage 0 parameters on rank {rank}: {count_parameters(stage.model):,}; "
+                 f"micro-batches per iteration: {run.num_microbatches}; device: {device.kind}")
+    return _Run(run, state, device, stage, scheduler, iterators, logger, iteration, consumed, forward_step, rank)
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on any (exit decisions must agree)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _exit_reason(r: _Run) -> Optional[str]:
+    t = r.run.training
+    if t.exit_interval and r.iteration % t.exit_interval == 0:
+        return f"exit interval {t.exit_interval}"
+    checks = t.exit_signal_handler or t.kill_switch_file or t.exit_duration_in_mins
+    if not checks:
+        return None
+    local = r.sigterm or bool(t.kill_switch_file and os.path.exists(t.kill_switch_file))
+    if t.exit_duration_in_mins and (time.time() - r.start_time) / 60 > t.exit_duration_in_mins:
+        local = True
+    return "signal, kill switch or duration" if _any_rank(local) else None
+
+
+class _Profiler:
+    """torch.profiler between --profile-step-start and --profile-step-end on --profile-ranks."""
+
+    def __init__(self, r: _Run) -> None:
+        lg = r.run.logging
+        self.enabled = lg.profile and r.rank in lg.profile_ranks
+        self.start, self.end, self.prof = lg.profile_step_start, lg.profile_step_end, None
+        self.out_dir = lg.tensorboard_dir or "profile"
+
+    def before(self, iteration: int) -> None:
+        if self.enabled and iteration == self.start and self.prof is None:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(
+                activities=acts, on_trace_ready=torch.profiler.tensorboard_trace_handler(self.out_dir))
+            self.prof.start()
+
+    def after(self, iteration: int) -> None:
+        if self.prof is not None and iteration >= self.end:
+            self.prof.stop()
+            self.prof = None
+
+
+def train(r: _Run) -> str:
+    """The training loop; returns why it stopped."""
+    t, lg = r.run.training, r.run.logging
+    profiler = _Profiler(r)
+    last_norm: Optional[float] = None
+    last_zeros: Optional[int] = None
+    r.model.train()
+    while r.iteration < (t.train_iters or 0):
+        profiler.before(r.iteration + 1)
+        t0 = time.perf_counter()
+        losses, ok, grad_norm, num_zeros = train_step(r)
+        step_time = time.perf_counter() - t0
+        nan = _nan_in(losses) or (grad_norm is not None and not math.isfinite(grad_norm))
+        if not ok and grad_norm is not None:  # a real non-finite gradient, not --iterations-to-skip
+            if t.check_for_nan_in_loss_and_grad and not t.skip_nan_loss:
+                raise RuntimeError(
+                    f"iteration {r.iteration + 1}: NaN/Inf in the loss or gradients (grad norm {grad_norm}); "
+                    "pass --skip-nan-loss to skip such iterations"
+                )
+        r.iteration += 1
+        r.consumed["train"] += t.global_batch_size
+        if ok:
+            r.scheduler.step(1)
+            last_norm, last_zeros = grad_norm, num_zeros
+        r.logger.add(losses, skipped=not ok, nan=nan, timers={"train-step": step_time})
+        profiler.after(r.iteration)
+        if r.iteration % lg.log_interval == 0:
+            extra = moe_scalars(r.model)
+            if lg.log_memory_to_tensorboard:
+                extra.update({f"memory/{k}": float(v) for k, v in r.device.memory_stats().items()})
+            r.logger.log(r.iteration, r.consumed["train"], r.stage.optimizer.get_lr(), last_norm, last_zeros, extra)
+        if t.eval_interval and r.iteration % t.eval_interval == 0 and r.iterators.get("valid") is not None:
+            r.logger.log_validation(r.iteration, evaluate(r, "valid"))
+        c = r.run.checkpoint
+        if c.save and c.save_interval and r.iteration % c.save_interval == 0:
+            save(r)
+            saved_at = r.iteration
+        else:
+            saved_at = None
+        reason = _exit_reason(r)
+        if reason is not None:
+            if saved_at != r.iteration:
+                save(r)
+            print_rank_0(f"exiting at iteration {r.iteration}: {reason}")
+            return reason
+    if r.iteration and (not r.run.checkpoint.save_interval or r.iteration % r.run.checkpoint.save_interval):
+        save(r)
+    return "train iters"
+
+
+def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[ForwardStep] = None) -> Dict[str, Any]:
+    """Parse flags, initialise, train, evaluate; returns a summary (iteration, exit reason, log history)."""
+    _, env_world, _ = launcher_env()
+    run = parse_args(argv, env_world)
+    rank, world, local_rank = initialize_distributed(
+        run.device.device, run.distributed.distributed_timeout_minutes, run.device.lazy_mode)
+    if world != run.distributed.world_size:
+        raise ValueError(f"parsed for world size {run.distributed.world_size} but the process group has {world}")
+    r: Optional[_Run] = None
+    previous = None
+    try:
+        r = setup(run, rank, local_rank, forward_step_func or gpt_forward_step)
+        if run.training.exit_signal_handler:
+            def _handler(signum, frame):
+                r.sigterm = True
+            previous = signal.signal(signal.SIGTERM, _handler)
+        reason = "skip train"
+        if not run.training.skip_train:
+            reason = train(r)
+        if r.iterators.get("valid") is not None and run.training.eval_iters > 0 and reason == "train iters":
+            r.logger.log_validation(r.iteration, evaluate(r, "valid"), "validation (end of training)")
+        if r.iterators.get("test") is not None and run.training.eval_iters > 0 and reason == "train iters":
+            r.logger.log_validation(r.iteration, evaluate(r, "test"), "test")
+        return {"iteration": r.iteration, "exit_reason": reason, "history": r.logger.history,
+                "skipped": r.logger.skipped_total, "nan": r.logger.nan_total, "consumed": dict(r.consumed)}
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if r is not None:
+            r.logger.close()
+        destroy_distributed()
