@@ -52,7 +52,7 @@ from megatron.training.checkpoint_io import CheckpointError
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 
 __all__ = [
-    "save_checkpoint", "load_checkpoint", "verify_checkpoint", "export_full_state_dict", "CheckpointError",
+    "save_checkpoint", "load_checkpoint", "checkpoint_args", "verify_checkpoint", "export_full_state_dict", "CheckpointError",
     "TRACKER_NAME", "iteration_dir",
 ]
 
@@ -265,6 +265,27 @@ def _target(key: str, name: str, param: torch.Tensor, md: Any, state: Any) -> to
     if tuple(item.size) != global_shape:
         raise CheckpointError(f"{key}: checkpoint shape {tuple(item.size)} != this model's full shape {global_shape}")
     return obj
+
+
+def checkpoint_args(load_dir: Optional[str], run_config: Any = None) -> Optional[Dict[str, Any]]:
+    """The run arguments (`to_flat_dict`) a checkpoint was saved with, for --use-checkpoint-args.
+
+    torch_dist checkpoints: common.json's "args". The single-process hf_io format (e.g. written by
+    `tools/convert_hf_checkpoint.py import`) stores only the model's DeepSeekConfig: it is returned
+    as `run_config` with that model. None when `load_dir` holds no checkpoint or no arguments."""
+    if not load_dir or not os.path.isdir(load_dir):
+        return None
+    path = _resolve(load_dir)
+    if path is not None:
+        return io.read_json(os.path.join(path, io.COMMON_NAME)).get("args")
+    if _is_hf_io_dir(load_dir) and run_config is not None:
+        import dataclasses
+
+        from megatron.core.models.deepseek.hf_io import read_our_config
+        from megatron.training.config import to_flat_dict
+
+        return to_flat_dict(dataclasses.replace(run_config, model=read_our_config(load_dir)))
+    return None
 
 
 # ---- load ------------------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ class _Run:
         self.load_reduce = stage_load_all_reduce(state)
         self.sigterm = False
         self.start_time = time.time()
+        self.loss_history: List[Dict[str, Any]] = []  # one entry per iteration run by this process
 
     @property
     def model(self) -> Any:
@@ -207,6 +208,22 @@ def _load(run: RunConfig, state: ParallelState, stage: ModelStage, scheduler: Op
     return int(loaded["iteration"]), consumed
 
 
+def _with_checkpoint_args(run: RunConfig) -> RunConfig:
+    """--use-checkpoint-args: the model (and, if asked, tokenizer / parallel) flags of --load's checkpoint."""
+    c = run.checkpoint
+    if not (c.use_checkpoint_args and c.load):
+        return run
+    from megatron.training.arguments import apply_checkpoint_args
+
+    saved = _checkpointing().checkpoint_args(c.load, run)
+    if saved is None:
+        if c.exit_on_missing_checkpoint:
+            raise ValueError(f"--use-checkpoint-args: no checkpoint with arguments in {c.load}")
+        print_rank_0(f"--use-checkpoint-args: no checkpoint arguments in {c.load}; using the command line")
+        return run
+    return apply_checkpoint_args(run, saved)
+
+
 # ---- setup / loop --------------------------------------------------------------------------------
 def _peak(run: RunConfig, device: Any) -> float:
     name = torch.cuda.get_device_name() if device.kind == "cuda" else ("GAUDI2" if device.kind == "hpu" else "cpu")
@@ -304,6 +321,7 @@ def train(r: _Run) -> str:
             r.scheduler.step(1)
             last_norm, last_zeros = grad_norm, num_zeros
         r.logger.add(losses, skipped=not ok, nan=nan, timers={"train-step": step_time})
+        r.loss_history.append({"iteration": r.iteration, "skipped": not ok, **losses})
         profiler.after(r.iteration)
         if r.iteration % lg.log_interval == 0:
             extra = moe_scalars(r.model)
@@ -333,6 +351,7 @@ def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[Forwa
     """Parse flags, initialise, train, evaluate; returns a summary (iteration, exit reason, log history)."""
     _, env_world, _ = launcher_env()
     run = parse_args(argv, env_world)
+    run = _with_checkpoint_args(run)
     rank, world, local_rank = initialize_distributed(
         run.device.device, run.distributed.distributed_timeout_minutes, run.device.lazy_mode)
     if world != run.distributed.world_size:
@@ -353,7 +372,8 @@ def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[Forwa
         if r.iterators.get("test") is not None and run.training.eval_iters > 0 and reason == "train iters":
             r.logger.log_validation(r.iteration, evaluate(r, "test"), "test")
         return {"iteration": r.iteration, "exit_reason": reason, "history": r.logger.history,
-                "skipped": r.logger.skipped_total, "nan": r.logger.nan_total, "consumed": dict(r.consumed)}
+                "skipped": r.logger.skipped_total, "nan": r.logger.nan_total, "consumed": dict(r.consumed),
+                "losses": list(r.loss_history)}
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
