@@ -59,13 +59,20 @@ def initialize_distributed(device_kind: str = "auto", timeout_minutes: int = 10,
         if dist.get_world_size() != world and "RANK" in os.environ:
             raise ValueError(f"process group has {dist.get_world_size()} ranks but the launcher says {world}")
         return dist.get_rank(), dist.get_world_size(), local_rank
-    os.environ.setdefault("MASTER_ADDR", _DEFAULT_ADDR)
-    if world == 1 and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
-    os.environ.setdefault("MASTER_PORT", _DEFAULT_PORT)
+    # The rendezvous address is passed explicitly rather than written into os.environ, so child
+    # processes of a single-process run (tools, tests) do not inherit a port that is in use.
+    addr = os.environ.get("MASTER_ADDR", _DEFAULT_ADDR)
+    if "MASTER_PORT" in os.environ:
+        port = os.environ["MASTER_PORT"]
+    else:
+        port = str(_free_port()) if world == 1 else _DEFAULT_PORT
     backend = device.dist_backend if world > 1 else "gloo"
     dist.init_process_group(
-        backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes)
+        backend,
+        init_method=f"tcp://{addr}:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
     )
     return rank, world, local_rank
 
