@@ -1,7 +1,10 @@
 """Causal core attention softmax(q k^T * scale) v with one implementation per device.
 
-- CPU / CUDA: torch's scaled_dot_product_attention (it accepts a value head size different from
-  the query/key head size, as MLA needs: 128 vs 192 in DeepSeek-V3).
+- CPU / CUDA: torch's scaled_dot_product_attention. It accepts a value head size different from
+  the query/key head size (as MLA has: 128 vs 192 in DeepSeek-V3), but then only through its slow
+  math path on CPU (flash kernels want one head size), so a narrower v is zero-padded to the q/k
+  head size and the output sliced back, as on HPU. MLA avoids even that copy by passing a wider
+  window of its kv projection as v (see `mla.py`): extra v columns only add output columns.
 - HPU: Intel's FusedSDPA when the stack provides it. The value is zero-padded to the query/key
   head size before the call and the output sliced back, because Gaudi's flash kernel expects one
   head size for q, k and v (zero columns of v only produce zero output columns).
@@ -76,4 +79,12 @@ def core_attention(
     fused_sdpa = (device or device_of(q)).fused_sdpa()
     if fused_sdpa is not None:
         return _hpu_fused_attention(fused_sdpa, q, k, v, softmax_scale, kernels)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
+    v_dim = v.shape[-1]
+    pad = q.shape[-1] - v_dim
+    if pad > 0:
+        # Zero-pad v to the q/k head size: with one head size torch picks its flash kernels (on CPU
+        # the math path is the only one taking a different v size; on CUDA flash needs one size too).
+        # Zero columns of v only produce zero output columns, sliced off below.
+        v = F.pad(v, (0, pad))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
+    return out[..., :v_dim] if pad > 0 else out

@@ -127,7 +127,7 @@ class MultiLatentAttention(nn.Module):
         cos, sin = rotary_pos_emb if rotary_pos_emb is not None else self.rotary_tables(hidden, position_ids)
 
         q = self._query(hidden)  # [b, n, s, nope + rope]
-        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_rope = q[..., self.qk_nope_head_dim :]
 
         compressed = self.kv_a_proj_with_mqa(hidden)  # [b, s, kv_lora + rope]
         latent, k_rope = compressed.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -136,16 +136,29 @@ class MultiLatentAttention(nn.Module):
             # Each TP rank uses the shared rope key for its own heads only: sum its gradient.
             k_rope = copy_to_region(k_rope, self.tp.group)
 
-        q_rope = apply_rotary(q_rope, cos, sin, rope_cfg)  # [b, n, s, rope]
+        # The query is q itself with its rope slice rotated in place (no [b, n, s, qk] concatenation).
+        # Safe for autograd: the rotation's backward keeps only the cos/sin tables, never q_rope.
+        query = q
+        query[..., self.qk_nope_head_dim :] = apply_rotary(q_rope, cos, sin, rope_cfg)  # [b, n, s, qk]
         k_rope = apply_rotary(k_rope, cos, sin, rope_cfg)  # [b, 1, s, rope]
 
         kv = self.kv_b_proj(self.kv_a_layernorm(latent))  # [b, s, n * (nope + v)]
-        kv = kv.unflatten(-1, (-1, self.qk_nope_head_dim + self.v_head_dim)).transpose(1, 2)
-        k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [b, n, s, nope], [b, n, s, v]
-
-        query = torch.cat((q_nope, q_rope), dim=-1)  # [b, n, s, qk]
+        kv = kv.unflatten(-1, (-1, self.qk_nope_head_dim + self.v_head_dim)).transpose(1, 2)  # [b, n, s, nope + v]
+        k_nope = kv[..., : self.qk_nope_head_dim]  # [b, n, s, nope]
         key = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)  # [b, n, s, qk]
 
-        out = core_attention(query, key, value, self.softmax_scale, self.config.kernels, self._device)  # [b, n, s, v]
+        # Value: SDPA's fast kernels want v as wide as q/k. Rather than zero-padding v, pass the last
+        # qk columns of each head's [k_nope | v] row (a view, no copy): attention is column-wise
+        # in v, so the extra leading columns only produce extra output columns, dropped below, and
+        # get a zero gradient. Needs v >= rope (DeepSeek: 128 >= 64); otherwise core_attention pads.
+        lead = self.qk_head_dim - self.v_head_dim
+        if 0 < lead <= self.qk_nope_head_dim:
+            value = kv[..., self.qk_nope_head_dim - lead :]  # [b, n, s, qk], v in the last v_head_dim columns
+        else:
+            value, lead = kv[..., self.qk_nope_head_dim :], 0  # [b, n, s, v]
+
+        out = core_attention(query, key, value, self.softmax_scale, self.config.kernels, self._device)
+        if lead:
+            out = out[..., lead:]  # [b, n, s, v]
         out = out.transpose(1, 2).flatten(2)  # [b, s, n * v]
         return self.o_proj(out)

@@ -69,7 +69,7 @@ def _yarn_correction_dim(num_rotations: float, dim: int, theta: float, original_
     return dim * math.log(original_max_pos / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
 
 
-def rope_inv_freq(dim: int, rope: RopeConfig) -> torch.Tensor:
+def rope_inv_freq(dim: int, rope: RopeConfig, device: Optional[torch.device] = None) -> torch.Tensor:
     """Inverse frequencies [dim/2] in fp32, one per rotated pair.
 
     Plain: theta^(-2i/dim). YaRN blends the interpolated frequencies (divided by `factor`) with
@@ -79,7 +79,7 @@ def rope_inv_freq(dim: int, rope: RopeConfig) -> torch.Tensor:
     """
     if dim <= 0 or dim % 2:
         raise ValueError(f"rotary dimension must be a positive even number, got {dim}")
-    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim  # [dim/2]
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim  # [dim/2]
     base_freq = rope.theta ** exponents  # wavelength / (2 pi) per pair
     inv_freq = 1.0 / base_freq
     if rope.scaling_type != "yarn":
@@ -90,7 +90,7 @@ def rope_inv_freq(dim: int, rope: RopeConfig) -> torch.Tensor:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0.0, 1.0)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0.0, 1.0)
     keep_original = 1.0 - ramp  # 1 for high-frequency pairs (extrapolate), 0 for low ones
     return interpolated * (1.0 - keep_original) + inv_freq * keep_original
 
@@ -105,7 +105,9 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables of the rope slice for a set of positions.
 
     Holds no parameters or buffers (so it adds nothing to a state dict and is not cast by
-    `module.to(dtype)`); the fp32 inverse frequencies are moved to a device on first use. The table
+    `module.to(dtype)`); the fp32 inverse frequencies are computed on the CPU whatever the default
+    device (a model built on the meta device needs nothing rebuilt here) and copied to a device on
+    first use. The table
     for positions 0..L-1 is cached per (device, dtype) and grown on demand, so with a fixed
     sequence length it is computed once per training run.
     """
@@ -116,8 +118,31 @@ class RotaryEmbedding(nn.Module):
         self.dim = dim
         self.rope = rope
         self.attention_factor = rope_attention_factor(rope)
-        self.inv_freq = rope_inv_freq(dim, rope)  # [dim/2] fp32, CPU
+        # [dim/2] fp32, always built on the CPU (even under `with torch.device("meta")`) and kept out
+        # of parameters/buffers, so meta-device construction + to_empty / checkpoint loading (which
+        # only touch parameters and buffers) leave it real; copied to a device on first use.
+        self._inv_freq_cpu = rope_inv_freq(dim, rope, device=torch.device("cpu"))
+        self._inv_freq_on: Dict[torch.device, torch.Tensor] = {}
         self._cache: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """[dim/2] fp32 inverse frequencies (on the CPU)."""
+        return self._inv_freq_cpu
+
+    @inv_freq.setter
+    def inv_freq(self, value: torch.Tensor) -> None:
+        # Kept for callers that rebuilt the attribute after meta-device construction (no longer needed).
+        self._inv_freq_cpu = value.detach().to("cpu", torch.float32)
+        self._inv_freq_on.clear()
+        self._cache.clear()
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        inv_freq = self._inv_freq_on.get(device)
+        if inv_freq is None:
+            with torch.inference_mode(False):
+                inv_freq = self._inv_freq_on[device] = self._inv_freq_cpu.to(device)
+        return inv_freq
 
     def table_dtype(self, activation_dtype: torch.dtype) -> torch.dtype:
         """dtype of the tables for activations of `activation_dtype` (fp32 for the V2 complex layout)."""
@@ -125,7 +150,7 @@ class RotaryEmbedding(nn.Module):
 
     def _angles(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # positions [...] -> fp32 cos, sin [..., dim/2], scaled by the YaRN attention factor.
-        inv_freq = self.inv_freq.to(positions.device)
+        inv_freq = self._inv_freq(positions.device)
         freqs = positions.float()[..., None] * inv_freq
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 

@@ -60,6 +60,23 @@ def shard_expert_weights(full: torch.Tensor, ep_rank: int, ep_size: int) -> torc
     return full[ep_rank * local : (ep_rank + 1) * local]
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    grouped_mm's backward rejects gradients with zero strides (e.g. the expanded ones of
+    `out.sum().backward()`: "Invalid strides/sizes"); a contiguous gradient costs one copy only
+    when the gradient was not already dense.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
 class GroupedExperts(nn.Module):
     """`num_local_experts` SwiGLU experts applied to tokens already grouped by expert.
 
@@ -145,8 +162,9 @@ class GroupedExperts(nn.Module):
         # grouped_mm(a [N, K], b [E, K, M], offs) -> [N, M]: b is the transposed weight view.
         gate_up = F.grouped_mm(tokens, self.gate_up_proj.transpose(-2, -1), offs=offsets)
         gate, up = gate_up.split(self.ffn_hidden_size, dim=-1)
-        act = (F.silu(gate) * up).contiguous()
-        return F.grouped_mm(act, self.down_proj.transpose(-2, -1), offs=offsets)
+        act = F.silu(gate) * up  # a fresh, contiguous [N, I]
+        out = F.grouped_mm(act, self.down_proj.transpose(-2, -1), offs=offsets)
+        return _ContiguousGrad.apply(out) if torch.is_grad_enabled() else out
 
     def _loop_forward(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Fallback: one GEMM pair per expert. Reads the split sizes to the host (one sync)."""

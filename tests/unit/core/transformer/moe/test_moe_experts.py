@@ -127,3 +127,21 @@ def test_bad_sizes_raise() -> None:
         experts(torch.randn(3, H), torch.tensor([3]))
     with pytest.raises(ValueError):
         experts.forward_padded(torch.randn(E + 1, 2, H))
+
+
+@pytest.mark.parametrize("all_rows_valid", [True, False])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_backward_accepts_expanded_gradient(grouped: bool, all_rows_valid: bool) -> None:
+    """experts(x).sum().backward() hands backward an expanded (zero-stride) gradient, which
+    grouped_mm's backward rejected ("Invalid strides/sizes"); it must give the reference gradients."""
+    experts = _experts(grouped, torch.float32)
+    counts = [3, 0, 4, 1]
+    x = torch.randn(8, H, requires_grad=True)
+    experts(x, torch.tensor(counts), all_rows_valid=all_rows_valid).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    gate_up = experts.gate_up_proj.detach().clone().requires_grad_(True)
+    down = experts.down_proj.detach().clone().requires_grad_(True)
+    _reference(x_ref, counts, gate_up, down).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(experts.gate_up_proj.grad, gate_up.grad)
+    torch.testing.assert_close(experts.down_proj.grad, down.grad)
