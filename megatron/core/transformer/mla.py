@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron.core.config import DeepSeekConfig
 from megatron.core.device import Device
@@ -56,6 +57,7 @@ class MultiLatentAttention(nn.Module):
                 f"attention heads ({mla.num_heads}) must be divisible by the tensor-parallel size ({tp.size})"
             )
         self.tp = tp
+        self.recompute_core_attention = False  # selective recompute (set by the model)
         self.config = config
         self.num_heads = mla.num_heads
         self.q_lora_rank = mla.q_lora_rank
@@ -157,7 +159,14 @@ class MultiLatentAttention(nn.Module):
         else:
             value, lead = kv[..., self.qk_nope_head_dim :], 0  # [b, n, s, v]
 
-        out = core_attention(query, key, value, self.softmax_scale, self.config.kernels, self._device)
+        if self.recompute_core_attention and torch.is_grad_enabled():
+            # Selective recompute: keep q, k, v, recompute softmax(QK^T)V in backward.
+            out = checkpoint(
+                core_attention, query, key, value, self.softmax_scale, self.config.kernels, self._device,
+                use_reentrant=False,
+            )
+        else:
+            out = core_attention(query, key, value, self.softmax_scale, self.config.kernels, self._device)
         if lead:
             out = out[..., lead:]  # [b, n, s, v]
         out = out.transpose(1, 2).flatten(2)  # [b, s, n * v]

@@ -36,9 +36,10 @@ def _run(config, init, recompute):
         RecomputeConfig("full", "uniform", 2),
         RecomputeConfig("full", "block", 1),
         RecomputeConfig("selective", modules=("moe",)),
+        RecomputeConfig("selective", modules=("core_attn",)),
         RecomputeConfig("selective", modules=("core_attn", "moe")),
     ],
-    ids=["full_uniform2", "full_block1", "selective_moe", "selective_attn_moe"],
+    ids=["full_uniform2", "full_block1", "selective_moe", "selective_attn", "selective_attn_moe"],
 )
 def test_recompute_matches_and_saves_memory(recompute):
     config = H.tiny_config()
