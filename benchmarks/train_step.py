@@ -47,6 +47,7 @@ if _REPO_ROOT not in sys.path:
 import torch  # noqa: E402
 
 from megatron.core.config import DeepSeekConfig, MLAConfig, MoEConfig, RopeConfig  # noqa: E402
+from megatron.training.flops import flops_per_token  # noqa: E402  (one FLOP count for logs and benchmarks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,29 +97,6 @@ def build_config(a: argparse.Namespace) -> DeepSeekConfig:
                       routed_scaling_factor=2.5, enable_expert_bias=True),
         rope=RopeConfig(),
     )
-
-
-def flops_per_token(c: DeepSeekConfig, seq: int) -> Dict[str, float]:
-    """Forward matmul FLOPs per token by part (module docstring); 'train' = 3 x total."""
-    m, h = c.mla, c.hidden_size
-    d_qk = m.qk_nope_head_dim + m.qk_rope_head_dim
-    q = h * m.q_lora_rank + m.q_lora_rank * m.num_heads * d_qk if m.q_lora_rank else h * m.num_heads * d_qk
-    proj = 2 * (q + h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * m.num_heads * (m.qk_nope_head_dim + m.v_head_dim)
-                + m.num_heads * m.v_head_dim * h)
-    core = 2 * m.num_heads * (d_qk + m.v_head_dim) * (seq + 1) / 2
-    moe = 2 * 3 * h * c.moe.ffn_hidden_size * (c.moe.topk + c.moe.num_shared_experts) + 2 * h * c.moe.num_experts
-    dense = 2 * 3 * h * c.ffn_hidden_size
-    n_moe = sum(c.is_moe_layer(i) for i in range(c.num_layers))
-    parts = {
-        "attention_proj": proj * c.num_layers, "attention_core": core * c.num_layers,
-        "dense_mlp": dense * (c.num_layers - n_moe), "moe_mlp": moe * n_moe, "head": 2 * h * c.vocab_size,
-    }
-    for d in range(c.mtp.num_layers):
-        mtp_moe = c.is_moe_layer(c.num_layers + d)
-        parts[f"mtp{d}"] = 2 * 2 * h * h + proj + core + (moe if mtp_moe else dense) + 2 * h * c.vocab_size
-    parts["forward"] = sum(parts.values())
-    parts["train"] = 3 * parts["forward"]
-    return parts
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, sync: Callable[[], None], n: int = 2048, reps: int = 8) -> float:
