@@ -74,6 +74,16 @@ class Device:
             self._module("habana_frameworks.torch.distributed.hccl")
         return _DIST_BACKENDS[self.kind]
 
+    def device_name(self) -> str:
+        """Accelerator model name (for peak-FLOP tables): e.g. "NVIDIA H100 80GB HBM3", "GAUDI2", "cpu"."""
+        if self.kind == "cuda":
+            return torch.cuda.get_device_name()
+        if self.kind == "hpu":
+            hpu = self._module("habana_frameworks.torch.hpu")
+            get_name = getattr(hpu, "get_device_name", None) if hpu is not None else None
+            return str(get_name()) if get_name is not None else "GAUDI"
+        return "cpu"
+
     def device_count(self) -> int:
         if self.kind == "cuda":
             return torch.cuda.device_count()

@@ -226,8 +226,7 @@ def _with_checkpoint_args(run: RunConfig) -> RunConfig:
 
 # ---- setup / loop --------------------------------------------------------------------------------
 def _peak(run: RunConfig, device: Any) -> float:
-    name = torch.cuda.get_device_name() if device.kind == "cuda" else ("GAUDI2" if device.kind == "hpu" else "cpu")
-    peak = peak_flops(device.kind, name, run.model.params_dtype)
+    peak = peak_flops(device.kind, device.device_name(), run.model.params_dtype)
     return peak if peak is not None else measured_matmul_peak(getattr(torch, run.model.params_dtype))
 
 
@@ -280,11 +279,12 @@ class _Profiler:
         self.enabled = lg.profile and r.rank in lg.profile_ranks
         self.start, self.end, self.prof = lg.profile_step_start, lg.profile_step_end, None
         self.out_dir = lg.tensorboard_dir or "profile"
+        self.device_kind = r.device.kind
 
     def before(self, iteration: int) -> None:
         if self.enabled and iteration == self.start and self.prof is None:
             acts = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
+            if self.device_kind == "cuda":
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(
                 activities=acts, on_trace_ready=torch.profiler.tensorboard_trace_handler(self.out_dir))

@@ -126,3 +126,11 @@ def test_optional_imports_are_memoised():
 def test_unknown_kind_rejected():
     with pytest.raises(ValueError, match="unknown device kind"):
         Device(kind="xpu")
+
+
+def test_device_names():
+    assert get_device("cpu").device_name() == "cpu"
+    fake = RecordingHabana()
+    assert get_device("hpu", importer=fake).device_name() == "GAUDI"  # stand-in has no get_device_name
+    fake.modules["habana_frameworks.torch.hpu"].get_device_name = lambda: "GAUDI3"
+    assert get_device("hpu", importer=fake).device_name() == "GAUDI3"
