@@ -57,12 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_training_checkpoint(path: str) -> bool:
+    """A `--save` directory of pretrain_gpt.py (tracker file) or one of its iter_N directories."""
+    return os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")) or (
+        os.path.basename(os.path.normpath(path)).startswith("iter_") and os.path.isfile(os.path.join(path, "common.json"))
+    )
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
     from megatron.core.models.deepseek.hf_conversion import export_hf_checkpoint, load_hf_checkpoint
     from megatron.core.models.deepseek.hf_io import save_checkpoint
+
+    from megatron.training.checkpoint_io import CheckpointError
 
     start = time.perf_counter()
     try:
@@ -74,10 +83,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{config.num_layers} layers + {config.mtp.num_layers} MTP, {time.perf_counter() - start:.1f}s")
         else:
             dtype = getattr(torch, args.dtype) if args.dtype else None
-            names = export_hf_checkpoint(args.checkpoint, args.hf_path, args.model_type, dtype=dtype, max_shard_bytes=args.max_shard_size)
+            source = args.checkpoint
+            if _is_training_checkpoint(source):
+                # torch_dist checkpoint of any parallel layout: gather it into one model first.
+                from megatron.training.checkpointing import load_full_model
+
+                source, _ = load_full_model(args.checkpoint)
+            names = export_hf_checkpoint(source, args.hf_path, args.model_type, dtype=dtype, max_shard_bytes=args.max_shard_size)
             print(f"exported {args.checkpoint} -> {args.hf_path} ({args.model_type}): {len(names)} shard(s), "
                   f"{time.perf_counter() - start:.1f}s")
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -497,3 +497,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def load_full_model(load_dir: str):
+    """A single-process DeepSeekModel holding a training checkpoint of any layout (for export).
+
+    The model config comes from the arguments saved with the checkpoint; the vocabulary size from
+    the stored embedding (the padded size the run trained with). Holds the whole model in memory.
+    """
+    import dataclasses
+
+    from megatron.core.models.deepseek.model import DeepSeekModel
+    from megatron.training.config import from_flat_dict
+
+    args = checkpoint_args(load_dir)
+    if not args:
+        raise CheckpointError(f"{load_dir}: no saved run arguments; cannot rebuild the model config")
+    state = export_full_state_dict(load_dir)
+    config = from_flat_dict(args, strict=False).model
+    config = dataclasses.replace(config, vocab_size=int(state["embedding.weight"].shape[0]))
+    model = DeepSeekModel(config)
+    model.load_state_dict(state, strict=True)
+    return model, config
