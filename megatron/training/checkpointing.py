@@ -11,7 +11,9 @@ Directory layout (Megatron's):
 
 A save is written to `iter_N.tmp-XXXXXXXX` and renamed by rank 0 after a barrier, then the
 tracker is updated: a process killed mid-save leaves the previous checkpoint and tracker intact
-(stale temp dirs are ignored on load and removed by the next save).
+(stale temp dirs are ignored on load and removed by the next save). Re-saving an existing
+iteration moves the old directory aside first (`iter_N.tmp-old-XXXX`); a kill in that window
+leaves it loadable and the next save moves it back.
 
 Layout independence: every tensor is stored under our parameter name as the FULL logical tensor
 ("model/<name>", "optim/<name>/exp_avg|exp_avg_sq|master"). Each rank writes only its own chunk
@@ -123,6 +125,31 @@ def _local_optimizer_state(optimizer: Any, chunks: List[nn.Module], state: Any) 
 
 
 # ---- save ------------------------------------------------------------------------------------------
+_OLD_MARK = ".tmp-old-"  # iter_N.tmp-old-XXXX: a complete iter_N moved aside while iter_N is re-saved
+
+
+def _clean_interrupted_saves(save_dir: str) -> None:
+    """Rank 0, before a save: undo what a process killed mid-save left behind.
+
+    iter_N.tmp-XXXX (a save that never finished) and stray tracker temp files are removed. An
+    iter_N.tmp-old-XXXX is a complete checkpoint that was moved aside to re-save iteration N: if
+    the kill came before the new iter_N was in place, it is moved back (the tracker may name it);
+    otherwise it is a leftover and removed.
+    """
+    for entry in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, entry)
+        if entry.startswith("iter_") and _OLD_MARK in entry:
+            original = os.path.join(save_dir, entry.split(_OLD_MARK)[0])
+            if not os.path.exists(original):
+                os.replace(path, original)
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+        elif entry.startswith("iter_") and ".tmp-" in entry:
+            shutil.rmtree(path, ignore_errors=True)
+        elif entry.startswith(TRACKER_NAME + ".") and entry.endswith(".tmp"):
+            os.unlink(path)
+
+
 def save_checkpoint(
     save_dir: str,
     iteration: int,
@@ -140,9 +167,7 @@ def save_checkpoint(
     final = iteration_dir(save_dir, iteration)
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
-        for entry in os.listdir(save_dir):  # stale temp dirs of crashed saves
-            if ".tmp-" in entry and entry.startswith("iter_"):
-                shutil.rmtree(os.path.join(save_dir, entry), ignore_errors=True)
+        _clean_interrupted_saves(save_dir)
     tmp = f"{final}.tmp-{_shared_token()}"
     if rank == 0:
         os.makedirs(os.path.join(tmp, io.RNG_DIR))
@@ -193,7 +218,7 @@ def save_checkpoint(
     if rank == 0:
         old = None
         if os.path.exists(final):  # re-saving an iteration: keep the old one until the new is in place
-            old = f"{final}.tmp-old-{secrets.token_hex(4)}"
+            old = f"{final}{_OLD_MARK}{secrets.token_hex(4)}"
             os.replace(final, old)
         os.replace(tmp, final)
         io.atomic_write_text(os.path.join(save_dir, TRACKER_NAME), str(int(iteration)))
@@ -230,6 +255,11 @@ def _resolve(load_dir: str) -> Optional[str]:
         return None
     path = iteration_dir(load_dir, iteration)
     if not os.path.isdir(path):
+        # killed while re-saving iteration N, between moving the old iter_N aside and putting the
+        # new one in place: the moved-aside copy is complete (the next save moves it back)
+        moved = sorted(e for e in os.listdir(load_dir) if e.startswith(os.path.basename(path) + _OLD_MARK))
+        if moved:
+            return os.path.join(load_dir, moved[0])
         raise CheckpointError(f"{os.path.join(load_dir, TRACKER_NAME)} names iteration {iteration} but {path} does not exist")
     return path
 
