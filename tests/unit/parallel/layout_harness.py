@@ -149,71 +149,89 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
+def parallel_state_for(layout: Layout) -> ParallelState:
+    return ParallelState.build(
+        ParallelConfig(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=1,
+            sequence_parallel=layout.sp,
+        )
+    )
+
+
+def build_parallel(layout: Layout, config: DeepSeekConfig, state: ParallelState, init: Optional[Dict[str, torch.Tensor]] = None):
+    """This rank's stage of the model (its shard of the full state dict `init` when given, loaded
+    before the optimizer takes its copies), wrapped in DDP, and its optimizer: (model, ddp, optimizer)."""
+    ranges = stage_layer_ranges(config.num_layers, layout.pp, layout.first_stage_layers)
+    tp = TensorParallelContext(group=state.group("tp"), size=layout.tp, sequence_parallel=layout.sp)
+    model = DeepSeekModel(
+        config,
+        tp=tp,
+        layer_range=ranges[state.rank_in("pp")],
+        pre_process=state.is_first_stage,
+        post_process=state.is_last_stage,
+        moe_kwargs={"parallel_state": state, "token_dispatcher_type": layout.dispatcher},
+    )
+    if init is not None:
+        load_full_state_dict(model, init, ShardInfo.from_parallel_state(state))
+    ddp = DistributedDataParallel(
+        model, DDPConfig(bucket_size_mb=0.01, overlap_grad_reduce=layout.overlap, use_distributed_optimizer=layout.dist_opt), state
+    )
+    opt = build_optimizer([ddp], OptimizerConfig(**OPTIMIZER, use_distributed_optimizer=layout.dist_opt), state)
+    return model, ddp, opt
+
+
+def parallel_step(step: int, layout: Layout, config: DeepSeekConfig, state: ParallelState, model, ddp, opt):
+    """One optimizer step of global step `step`: (loss on the last stage else None, grad norm)."""
+    dp, dp_rank = state.size("dp"), state.rank_in("dp")
+
+    def reduce_counts(t: torch.Tensor) -> None:
+        # Every rank of the stage routed distinct tokens: sum over TP (SP shards) and DP.
+        dist.all_reduce(t, group=state.group("tp"))
+        dist.all_reduce(t, group=state.group("dp"))
+
+    opt.zero_grad()
+    mbs = micro_batches(step, dp_rank, dp)
+    reported = get_forward_backward_func(layout.pp)(
+        forward_step_func=_forward_step,
+        data_iterator=iter(mbs),
+        model=ddp,
+        num_microbatches=len(mbs),
+        tensor_shape=(MICRO_BATCH, SEQ // layout.tp if layout.sp else SEQ, config.hidden_size),
+        dtype=torch.get_default_dtype(),
+        parallel_state=state,
+        grad_sync_context=ddp.no_sync,
+        aux_loss_scale_func=partial(set_aux_loss_scale, model),
+    )
+    finalize_model_grads([ddp], state)
+    ok, norm, _ = opt.step()
+    assert ok
+    update_expert_bias(model, all_reduce=reduce_counts)
+    loss = None
+    if state.is_last_stage:
+        step_loss = torch.stack([r["loss"] for r in reported]).sum() / len(mbs)
+        dist.all_reduce(step_loss, group=state.group("dp"))
+        loss = step_loss.item() / dp
+    return loss, norm
+
+
 def _worker(rank: int, world: int, port: int, layout: Layout, config: DeepSeekConfig, init, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # A failing rank must not leave the others waiting forever in a collective.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(0)
-        state = ParallelState.build(
-            ParallelConfig(
-                tensor_model_parallel_size=layout.tp,
-                pipeline_model_parallel_size=layout.pp,
-                expert_model_parallel_size=layout.ep,
-                expert_tensor_parallel_size=1,
-                sequence_parallel=layout.sp,
-            )
-        )
-        stage, dp, dp_rank = state.rank_in("pp"), state.size("dp"), state.rank_in("dp")
-        ranges = stage_layer_ranges(config.num_layers, layout.pp, layout.first_stage_layers)
-        tp = TensorParallelContext(group=state.group("tp"), size=layout.tp, sequence_parallel=layout.sp)
-        model = DeepSeekModel(
-            config,
-            tp=tp,
-            layer_range=ranges[stage],
-            pre_process=state.is_first_stage,
-            post_process=state.is_last_stage,
-            moe_kwargs={"parallel_state": state, "token_dispatcher_type": layout.dispatcher},
-        )
-        info = ShardInfo.from_parallel_state(state)
-        load_full_state_dict(model, init, info)
-        ddp = DistributedDataParallel(
-            model, DDPConfig(bucket_size_mb=0.01, overlap_grad_reduce=layout.overlap, use_distributed_optimizer=layout.dist_opt), state
-        )
-        opt = build_optimizer([ddp], OptimizerConfig(**OPTIMIZER, use_distributed_optimizer=layout.dist_opt), state)
-        schedule = get_forward_backward_func(layout.pp)
-        seq_local = SEQ // layout.tp if layout.sp else SEQ
-
-        def reduce_counts(t: torch.Tensor) -> None:
-            # Every rank of the stage routed distinct tokens: sum over TP (SP shards) and DP.
-            dist.all_reduce(t, group=state.group("tp"))
-            dist.all_reduce(t, group=state.group("dp"))
-
+        state = parallel_state_for(layout)
+        model, ddp, opt = build_parallel(layout, config, state, init)
         losses, norms = [], []
         for step in range(STEPS):
-            opt.zero_grad()
-            mbs = micro_batches(step, dp_rank, dp)
-            reported = schedule(
-                forward_step_func=_forward_step,
-                data_iterator=iter(mbs),
-                model=ddp,
-                num_microbatches=len(mbs),
-                tensor_shape=(MICRO_BATCH, seq_local, config.hidden_size),
-                dtype=torch.get_default_dtype(),
-                parallel_state=state,
-                grad_sync_context=ddp.no_sync,
-                aux_loss_scale_func=partial(set_aux_loss_scale, model),
-            )
-            finalize_model_grads([ddp], state)
-            ok, norm, _ = opt.step()
-            assert ok
-            update_expert_bias(model, all_reduce=reduce_counts)
-            if state.is_last_stage:
-                step_loss = torch.stack([r["loss"] for r in reported]).sum() / len(mbs)
-                dist.all_reduce(step_loss, group=state.group("dp"))
-                losses.append(step_loss.item() / dp)
+            loss, norm = parallel_step(step, layout, config, state, model, ddp, opt)
+            if loss is not None:
+                losses.append(loss)
             norms.append(norm)
-        full = gather_full_state_dict(model, info)
+        full = gather_full_state_dict(model, ShardInfo.from_parallel_state(state))
         results[rank] = {"losses": losses, "norms": norms, "final": full}
     finally:
         dist.destroy_process_group()

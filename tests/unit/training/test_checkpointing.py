@@ -239,64 +239,45 @@ def test_hf_io_checkpoint_as_finetune_start(trained, tmp_path):
     states_equal(model.state_dict(), trained["saved"]["model"])
 
 
-# ---- two ranks: TP2 + SP + EP2 with the distributed optimizer ----------------------------------------
-LAYOUT = H.Layout("tp2_sp_ep2_distopt", world=2, tp=2, ep=2, sp=True, dist_opt=True)
+# ---- resharding: one process -> two-rank layouts -> one process ------------------------------------
+RESHARD_LAYOUTS = [
+    H.Layout("tp2_sp_ep2_distopt", world=2, tp=2, ep=2, sp=True, dist_opt=True),
+    H.Layout("pp2_uneven", world=2, pp=2, first_stage_layers=1),
+]
 
 
-def _worker(rank: int, port: int, root: str, results) -> None:
-    from functools import partial
-
-    from megatron.core.distributed import DDPConfig, DistributedDataParallel, finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.parallel_context import TensorParallelContext
-
+def _worker(rank: int, port: int, root: str, layout: H.Layout, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", rank=rank, world_size=layout.world, timeout=datetime.timedelta(seconds=120))
     try:
-        state = ParallelState.build(ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
-                                                   expert_tensor_parallel_size=1, sequence_parallel=True))
-        tp = TensorParallelContext(group=state.group("tp"), size=2, sequence_parallel=True)
+        state = H.parallel_state_for(layout)
         torch.manual_seed(50 + rank)  # different init: everything must come from the checkpoint
-        model = DeepSeekModel(CONFIG, tp=tp, moe_kwargs={"parallel_state": state, "token_dispatcher_type": "alltoall"})
-        ddp = DistributedDataParallel(model, DDPConfig(bucket_size_mb=0.01, use_distributed_optimizer=True), state)
-        opt = build_optimizer([ddp], OptimizerConfig(**H.OPTIMIZER, use_distributed_optimizer=True), state)
+        model, ddp, opt = H.build_parallel(layout, CONFIG, state)
         out = ckpt.load_checkpoint(os.path.join(root, "one"), [ddp], opt, None, state)
         assert out["iteration"] == 2
-        schedule = get_forward_backward_func(1)
-
-        def reduce_counts(t):
-            dist.all_reduce(t, group=state.group("tp"))
-            dist.all_reduce(t, group=state.group("dp"))
-
-        losses = []
-        for step in (2,):
-            opt.zero_grad()
-            mbs = H.micro_batches(step, 0, 1)
-            reported = schedule(forward_step_func=H._forward_step, data_iterator=iter(mbs), model=ddp,
-                                num_microbatches=len(mbs), tensor_shape=(H.MICRO_BATCH, H.SEQ // 2, CONFIG.hidden_size),
-                                dtype=torch.get_default_dtype(), parallel_state=state, grad_sync_context=ddp.no_sync,
-                                aux_loss_scale_func=partial(set_aux_loss_scale, model))
-            finalize_model_grads([ddp], state)
-            ok, _, _ = opt.step()
-            assert ok
-            update_expert_bias(model, all_reduce=reduce_counts)
-            losses.append((torch.stack([r["loss"] for r in reported]).sum() / len(mbs)).item())
+        loss, _ = H.parallel_step(2, layout, CONFIG, state, model, ddp, opt)
         ckpt.save_checkpoint(os.path.join(root, "two"), 3, [ddp], opt, out["scheduler_state"], None, state,
                              out["consumed_samples"])
-        results[rank] = losses
+        results[rank] = loss
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_reshard_one_to_tp2_ep2_and_back(trained, tmp_path):
+@pytest.mark.parametrize("layout", RESHARD_LAYOUTS, ids=lambda lay: lay.name)
+def test_reshard_one_to_two_ranks_and_back(trained, tmp_path, layout):
+    """A 1-process checkpoint loads into the layout, which trains one step with the straight run's
+    loss and saves; that checkpoint loads back into one process and continues the straight run."""
     import shutil
 
     shutil.copytree(trained["root"], tmp_path / "one")
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(H._free_port(), str(tmp_path), results), nprocs=2, join=True)
-    assert abs(results[0][0] - trained["losses"][0]) <= 1e-5 * abs(trained["losses"][0])
-    assert ckpt.verify_checkpoint(str(tmp_path / "two"))["world_size"] == 2
+    mp.spawn(_worker, args=(H._free_port(), str(tmp_path), layout, results), nprocs=layout.world, join=True)
+    losses = [v for v in results.values() if v is not None]  # last pipeline stage(s) report the loss
+    assert losses
+    for loss in losses:
+        assert abs(loss - trained["losses"][0]) <= 1e-5 * abs(trained["losses"][0])
+    assert ckpt.verify_checkpoint(str(tmp_path / "two"))["world_size"] == layout.world
     model, opt, state = build(seed=7)
     out = ckpt.load_checkpoint(str(tmp_path / "two"), [model], opt, None, state)
     assert out["iteration"] == 3 and out["consumed_samples"] == {"train": 8}
