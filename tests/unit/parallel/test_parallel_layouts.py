@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from layout_harness import Layout, compare, initial_state, parallel_run, reference_run, with_config
+from tests.unit.parallel.layout_harness import Layout, compare, initial_state, parallel_run, reference_run, with_config
 
 TOLERANCE = 1e-5
 

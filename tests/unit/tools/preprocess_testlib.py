@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Dict, List, Sequence
 
 import numpy as np
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-GOLDEN = os.path.join(os.path.dirname(REPO_ROOT), "shared", "golden", "preprocess")
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+GOLDEN = os.path.join(REPO_ROOT, "tests", "data", "golden", "preprocess")
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 from megatron.training.tokenizer.base import MegatronTokenizer  # noqa: E402
@@ -120,8 +117,7 @@ def make_records(n: int, seed: int = 0) -> List[Dict]:
 
 @pytest.fixture(scope="session")
 def golden_dir() -> str:
-    if not os.path.isdir(GOLDEN):
-        pytest.skip(f"golden preprocessing outputs not found at {GOLDEN} (repo_root/../shared/golden)")
+    assert os.path.isdir(GOLDEN), f"golden preprocessing outputs missing from the repository: {GOLDEN}"
     return GOLDEN
 
 

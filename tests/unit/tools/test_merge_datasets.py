@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from preprocess_testlib import (  # noqa: F401  (fixtures are used by name)
+from tests.unit.tools.preprocess_testlib import (  # noqa: F401  (fixtures are used by name)
     BigVocabTokenizer,
     FastWordTokenizer,
     _restore_tokenizer_env,

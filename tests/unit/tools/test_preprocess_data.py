@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from preprocess_testlib import (  # noqa: F401  (fixtures are used by name)
+from tests.unit.tools.preprocess_testlib import (  # noqa: F401  (fixtures are used by name)
     REPO_ROOT,
     _restore_tokenizer_env,
     golden_dir,

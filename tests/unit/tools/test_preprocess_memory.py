@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import pytest
 
-from preprocess_testlib import REPO_ROOT
+from tests.unit.tools.preprocess_testlib import REPO_ROOT
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 pytestmark = pytest.mark.slow

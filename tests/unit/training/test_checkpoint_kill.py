@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from megatron.training import checkpointing as ckpt
+from tests.unit.training import test_checkpointing as T  # the same helpers as the child
 
 HERE = Path(__file__).resolve().parent
 
@@ -23,16 +24,16 @@ CHILD = r"""
 import os, signal, sys
 import torch
 import torch.distributed.checkpoint as dcp
-sys.path.insert(0, {here!r})
-import test_checkpointing as T
+from tests.unit.training import test_checkpointing as T
 from megatron.training import checkpoint_io as io
 from megatron.training import checkpointing as ckpt
+from tests.unit.training import test_checkpointing as T  # the same helpers as the child
 
 root, point, target = sys.argv[1], sys.argv[2], int(sys.argv[3])
 model, opt, state = T.build()
 T.train_steps(model, opt, range(2))
 T.save(root, 2, model, opt, state)
-torch.save({{k: v.clone() for k, v in model.state_dict().items()}}, os.path.join(root, "..", "weights_at_2.pt"))
+torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(root, "..", "weights_at_2.pt"))
 T.train_steps(model, opt, range(2, 3))
 
 def die():
@@ -78,12 +79,10 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path: Path, point: st
     repo = HERE.parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD.format(here=str(HERE)), str(root), point, str(target)],
+        [sys.executable, "-c", CHILD, str(root), point, str(target)],
         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == -signal.SIGKILL, f"child exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
-
-    import test_checkpointing as T  # noqa: E402  (same helpers as the child)
 
     expected = torch.load(tmp_path / "weights_at_2.pt")
     assert ckpt.read_tracker(str(root)) == 2

@@ -7,7 +7,6 @@ import datetime
 import os
 import pickle
 import random
-import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -17,9 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-
-import layout_harness as H  # noqa: E402
+from tests.unit.parallel import layout_harness as H  # noqa: E402
 
 from megatron.core.models.deepseek.model import DeepSeekModel  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig, build_optimizer  # noqa: E402

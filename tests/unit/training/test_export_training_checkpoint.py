@@ -1,17 +1,15 @@
 """A training checkpoint (torch_dist) exports to a Hugging Face checkpoint that transformers loads
 and that gives our model's logits."""
 
-import sys
 from pathlib import Path
 
 import torch
 
 from megatron.training.checkpointing import load_full_model
 from megatron.training.training import pretrain
+from tools import convert_hf_checkpoint
 
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "tools"))
-import convert_hf_checkpoint  # noqa: E402
 
 FLAGS = ["--model-preset", "tiny", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-layers", "2",
          "--moe-ffn-hidden-size", "32", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2",

@@ -25,7 +25,6 @@ from megatron.training.checkpointing import export_full_state_dict, verify_check
 from megatron.training.training import gpt_forward_step, pretrain
 
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "tests/unit/core/models"))
 
 TINY = ["--model-preset", "tiny", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-layers", "2",
         "--moe-ffn-hidden-size", "32", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
@@ -123,7 +122,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 @pytest.fixture(scope="module")
 def hf_import(tmp_path_factory):
     """A tiny random HF DeepseekV3 model, save_pretrained, and `convert_hf_checkpoint.py import`."""
-    from hf_tiny import build_hf
+    from tests.unit.core.models.hf_tiny import build_hf
 
     root = tmp_path_factory.mktemp("hf")
     hf = build_hf("v3", seed=0, attn="eager")

@@ -4,7 +4,6 @@ import math
 import re
 
 import pytest
-import torch
 
 from megatron.training.training import gpt_forward_step, pretrain
 

@@ -15,7 +15,7 @@ from megatron.core.datasets.indexed_dataset import (
     optimal_dtype,
 )
 
-GOLDEN = Path(__file__).resolve().parents[4] / ".." / "shared" / "golden" / "preprocess"
+GOLDEN = Path(__file__).resolve().parents[3] / "data" / "golden" / "preprocess"
 
 
 def build(prefix, docs, dtype=np.uint16):
@@ -54,7 +54,6 @@ def test_dtype_choice():
     assert optimal_dtype(129280) is np.int32
 
 
-@pytest.mark.skipif(not GOLDEN.is_dir(), reason="../shared/golden/preprocess not present beside the repo")
 @pytest.mark.parametrize("name", ["hf_eod_text_document", "gpt2bpe_eod_text_document"])
 def test_rewriting_golden_is_byte_identical(tmp_path, name):
     src = IndexedDataset(str(GOLDEN / name))

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from hf_tiny import build_hf
+from tests.unit.core.models.hf_tiny import build_hf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM

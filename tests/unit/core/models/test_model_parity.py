@@ -16,7 +16,7 @@ from typing import Dict
 
 import pytest
 import torch
-from hf_tiny import build_hf
+from tests.unit.core.models.hf_tiny import build_hf
 
 from megatron.core.models.deepseek import hf_to_ours, load_hf_checkpoint
 from megatron.core.models.deepseek.hf_conversion import hf_layout

@@ -7,8 +7,6 @@ masked, and the training loss adds lambda / D times the mean of each depth's los
 """
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +14,7 @@ import torch.nn.functional as F
 from megatron.core.config import MTPConfig
 from megatron.core.models.deepseek.model import DeepSeekModel, roll_left
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "parallel"))
-import layout_harness as H  # noqa: E402
+from tests.unit.parallel import layout_harness as H  # noqa: E402
 
 
 def _model(depths: int, scale: float = 0.3, aux_loss: bool = True) -> DeepSeekModel:

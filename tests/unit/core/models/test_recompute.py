@@ -1,7 +1,5 @@
 """Activation recompute: same loss and gradients as storing everything, fewer saved activations."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +7,7 @@ import torch
 from megatron.core.config import RecomputeConfig
 from megatron.core.models.deepseek.model import DeepSeekModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "parallel"))
-import layout_harness as H  # noqa: E402  (tiny config and data shared with the layout tests)
+from tests.unit.parallel import layout_harness as H  # noqa: E402  (tiny config and data shared with the layout tests)
 
 
 def _run(config, init, recompute):

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from megatron.core.parallel_state import ParallelConfig, ParallelState
 from megatron.core.pipeline_parallel import forward_backward_pipelining_1f1b, get_forward_backward_func, stage_layer_ranges
-from pp_toy_model import (
+from tests.unit.core.pipeline_parallel.pp_toy_model import (
     TENSOR_SHAPE,
     build_full,
     forward_step,

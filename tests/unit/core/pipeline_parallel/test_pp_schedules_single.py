@@ -14,7 +14,7 @@ from megatron.core.pipeline_parallel import (
     forward_backward_pipelining_1f1b,
     get_forward_backward_func,
 )
-from pp_toy_model import TENSOR_SHAPE, build_full, forward_step, make_data, micro_batches, reference, rel_err
+from tests.unit.core.pipeline_parallel.pp_toy_model import TENSOR_SHAPE, build_full, forward_step, make_data, micro_batches, reference, rel_err
 
 TOL = 1e-6
 

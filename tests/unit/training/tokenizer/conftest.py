@@ -11,7 +11,7 @@ from typing import List
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[4]
-GOLDEN = (REPO_ROOT / ".." / "shared" / "golden" / "preprocess").resolve()
+GOLDEN = REPO_ROOT / "tests" / "data" / "golden" / "preprocess"
 
 _WORDS = (
     "the of and to in is was for on that with as by at from his her it an were are which this be "
@@ -42,8 +42,7 @@ def sentences() -> List[str]:
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    if not (GOLDEN / "input" / "corpus.jsonl").is_file():
-        pytest.skip(f"golden preprocessing data not found at {GOLDEN} (expected ../shared beside the repo)")
+    assert (GOLDEN / "input" / "corpus.jsonl").is_file(), f"golden preprocessing data missing from the repository: {GOLDEN}"
     return GOLDEN
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from moe_test_utils import tiny_config
+from tests.unit.core.transformer.moe.moe_test_utils import tiny_config
 from test_moe_token_dispatcher import _SyncDetector
 
 from megatron.core.parallel_state import ParallelConfig, ParallelState, RankGrid

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_test_utils import copy_to_hf, hf_grads_in_our_layout, hf_v2_moe, hf_v3_moe, rel_err, tiny_config
+from tests.unit.core.transformer.moe.moe_test_utils import copy_to_hf, hf_grads_in_our_layout, hf_v2_moe, hf_v3_moe, rel_err, tiny_config
 
 from megatron.core.transformer.moe import MoELayer, MoEStats
 

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from moe_test_utils import tiny_config
+from tests.unit.core.transformer.moe.moe_test_utils import tiny_config
 
 from megatron.core.transformer.moe import (
     MoELayer,

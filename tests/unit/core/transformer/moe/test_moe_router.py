@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_test_utils import hf_v2_moe, hf_v3_moe, tiny_config
+from tests.unit.core.transformer.moe.moe_test_utils import hf_v2_moe, hf_v3_moe, tiny_config
 
 from megatron.core.transformer.moe import TopKRouter
 

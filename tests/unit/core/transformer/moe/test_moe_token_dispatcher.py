@@ -9,7 +9,7 @@ from typing import List, Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from moe_test_utils import tiny_config
+from tests.unit.core.transformer.moe.moe_test_utils import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron.core.transformer.moe import GroupedExperts, MoELayer, TokenDispatcher, expert_capacity
