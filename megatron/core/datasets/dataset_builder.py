@@ -16,7 +16,9 @@ from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.dataset_config import GPTDatasetConfig
 from megatron.core.datasets.gpt_dataset import GPTDataset, LowLevelDataset, MockGPTDataset, MockGPTLowLevelDataset
 from megatron.core.datasets.helpers import SPLIT_NAMES, blend_dataset_sizes, split_document_ranges
+from megatron.core.datasets.index_cache import index_cache_directory
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetError
+from megatron.core.datasets.token_range import check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +32,14 @@ def _check_num_samples(train_valid_test_num_samples: Sequence[int]) -> tuple[int
     return tuple(int(n) for n in nums)  # type: ignore[return-value]
 
 
-def _open(prefix: str) -> IndexedDataset:
+def _open(prefix: str, config: GPTDatasetConfig) -> IndexedDataset:
+    """Open and validate one prefix; with `config.vocab_size`, also check its token ids (cached
+    scan, see token_range.py)."""
     try:
-        return IndexedDataset(prefix)
+        dataset = IndexedDataset(prefix)
+        if config.vocab_size is not None:
+            check_token_ids(dataset, config.vocab_size, index_cache_directory(prefix, config.path_to_cache))
+        return dataset
     except IndexedDatasetError as exc:
         raise ValueError(f"--data-path {prefix!r}: {exc}") from exc
 
@@ -86,7 +93,7 @@ def build_train_valid_test_datasets(
         )
 
     prefixes = [prefix for _, prefix in config.blend]
-    low_levels = [_open(prefix) for prefix in prefixes]
+    low_levels = [_open(prefix, config) for prefix in prefixes]
     ranges = [split_document_ranges(split_weights, len(ds)) for ds in low_levels]
 
     if len(prefixes) == 1:

@@ -21,7 +21,6 @@ Sample `i` is a dict of numpy arrays (the DataLoader's collate turns them into t
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
@@ -32,11 +31,11 @@ from megatron.core.datasets.dataset_config import GPTDatasetConfig
 from megatron.core.datasets.index_cache import (
     cache_key,
     file_fingerprint,
+    index_cache_directory,
     load_arrays,
     memmaps_to_names,
     names_to_memmaps,
     save_arrays,
-    writable_directory,
 )
 from megatron.core.datasets.indexed_dataset import IndexedDataset, data_file_path, index_file_path
 
@@ -162,15 +161,7 @@ class GPTDataset:
     def _cache_directory(self) -> Optional[str]:
         if self.description is None:
             return None
-        if self.config.path_to_cache is not None:
-            if not writable_directory(self.config.path_to_cache):
-                raise ValueError(f"--data-cache-path {self.config.path_to_cache!r} cannot be created or written")
-            return self.config.path_to_cache
-        directory = os.path.join(os.path.dirname(os.path.abspath(self.dataset.prefix)), "cache", "GPTDataset_indices")
-        if not writable_directory(directory):
-            logger.warning("%s is not writable: GPT indices are built in memory and not cached", directory)
-            return None
-        return directory
+        return index_cache_directory(self.dataset.prefix, self.config.path_to_cache)
 
     def _check_cached(self, arrays: dict[str, np.ndarray]) -> Optional[str]:
         return helpers.check_gpt_indices(self.plan, self.document_range, *(arrays[name] for name in INDEX_NAMES))

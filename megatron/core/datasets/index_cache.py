@@ -58,6 +58,27 @@ def _atomic_write(path: str, write: Callable[[Any], None], mode: str) -> None:
         raise
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a small text file atomically (same protocol as the arrays)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _atomic_write(path, lambda f: f.write(text), "w")
+
+
+def index_cache_directory(prefix: str, path_to_cache: Optional[str]) -> Optional[str]:
+    """Where the indices of the dataset at `prefix` are cached: `--data-cache-path` when given
+    (ValueError if it cannot be written), else `<data dir>/cache/GPTDataset_indices` when that is
+    writable, else None (built in memory, not cached)."""
+    if path_to_cache is not None:
+        if not writable_directory(path_to_cache):
+            raise ValueError(f"--data-cache-path {path_to_cache!r} cannot be created or written")
+        return path_to_cache
+    directory = os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache", "GPTDataset_indices")
+    if not writable_directory(directory):
+        logger.warning("%s is not writable: GPT indices are built in memory and not cached", directory)
+        return None
+    return directory
+
+
 def save_arrays(directory: str, key: str, arrays: Mapping[str, np.ndarray], description: Mapping[str, Any]) -> None:
     """Write each array atomically as `<key>-<name>.npy`, then a human-readable description."""
     os.makedirs(directory, exist_ok=True)

@@ -9,16 +9,23 @@ Byte layout (all little-endian; see ../shared/reference/indexed-dataset-format.m
 
 The writer keeps only the per-sequence lengths in memory (4 bytes per sequence), never the tokens,
 so memory stays bounded whatever the corpus size. Files are written under temporary names and
-renamed into place only when complete, so a crash never leaves a pair that looks finished.
+committed together through `pair_files.commit_pair`, so no failure leaves a mismatched or
+half-written pair that looks finished, and a reader refuses a pair being replaced.
+
+The reader validates what training relies on (sizes, pointers, lengths, document indices) when
+it opens a pair, so a corrupt index is an error naming the file instead of wrong samples.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from typing import Iterable, Optional, Sequence, Union
+import time
+from typing import BinaryIO, Iterable, Optional, Sequence, Union
 
 import numpy as np
+
+from megatron.core.datasets.pair_files import commit_in_progress, commit_pair, prepare_prefix, tmp_path
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -63,8 +70,32 @@ def index_file_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
-def _tmp_path(path: str) -> str:
-    return f"{path}.tmp.{os.getpid()}"
+REBUILD_HINT = "rebuild it with tools/preprocess_data.py"
+_CHECK_CHUNK = 1 << 22  # sequences per chunk when checking pointers: bounds temporaries to ~64 MB
+
+
+def sequence_pointers_for(lengths: np.ndarray, itemsize: int) -> np.ndarray:
+    """int64[S] byte offset of each sequence in `.bin`: exclusive running sum of length * itemsize."""
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1].astype(np.int64) * itemsize, out=pointers[1:])
+    return pointers
+
+
+def _write_index_file(
+    f: BinaryIO,
+    dtype: Union[type, np.dtype],
+    lengths: np.ndarray,
+    doc_idx: np.ndarray,
+    sequence_modes: Optional[np.ndarray] = None,
+) -> None:
+    pointers = sequence_pointers_for(lengths, np.dtype(dtype).itemsize)
+    f.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, dtype_code(dtype), len(lengths), len(doc_idx)))
+    f.write(lengths.tobytes(order="C"))
+    f.write(pointers.tobytes(order="C"))
+    f.write(doc_idx.tobytes(order="C"))
+    if sequence_modes is not None:
+        f.write(np.asarray(sequence_modes, dtype=np.int8).tobytes(order="C"))
 
 
 def write_index(
@@ -74,23 +105,18 @@ def write_index(
     document_indices: np.ndarray,
     sequence_modes: Optional[np.ndarray] = None,
 ) -> None:
-    """Write an `.idx` file atomically (temporary name, then rename)."""
-    lengths = np.asarray(sequence_lengths, dtype=np.int32)
-    doc_idx = np.asarray(document_indices, dtype=np.int64)
-    itemsize = np.dtype(dtype).itemsize
-    # Byte offset of each sequence in .bin: exclusive running sum of length * itemsize.
-    pointers = np.zeros(len(lengths), dtype=np.int64)
-    if len(lengths) > 1:
-        np.cumsum(lengths[:-1].astype(np.int64) * itemsize, out=pointers[1:])
-    tmp = _tmp_path(idx_path)
-    with open(tmp, "wb") as f:
-        f.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, dtype_code(dtype), len(lengths), len(doc_idx)))
-        f.write(lengths.tobytes(order="C"))
-        f.write(pointers.tobytes(order="C"))
-        f.write(doc_idx.tobytes(order="C"))
-        if sequence_modes is not None:
-            f.write(np.asarray(sequence_modes, dtype=np.int8).tobytes(order="C"))
-    os.replace(tmp, idx_path)
+    """Write a lone `.idx` file atomically (temporary name, then rename); builders commit the
+    `.idx` together with its `.bin` instead."""
+    tmp = tmp_path(idx_path)
+    try:
+        with open(tmp, "wb") as f:
+            _write_index_file(f, dtype, np.asarray(sequence_lengths, dtype=np.int32),
+                              np.asarray(document_indices, dtype=np.int64), sequence_modes)
+        os.replace(tmp, idx_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class IndexedDatasetBuilder:
@@ -99,17 +125,21 @@ class IndexedDatasetBuilder:
     Usage:
         builder = IndexedDatasetBuilder(prefix, dtype=np.uint16)
         builder.add_document([[1, 2, 3], [4, 5]])   # one document of two sequences (sentences)
-        builder.finalize()                          # renames both files into place
+        builder.finalize()                          # commits both files together
 
-    Until `finalize()` both files live under temporary names; `abort()` removes them.
+    Until `finalize()` both files live under temporary names; `abort()` removes them. Opening a
+    builder first finishes an interrupted replacement of `prefix` and removes temporary files
+    that dead processes left for it.
     """
 
     def __init__(self, prefix: str, dtype: Union[type, np.dtype] = np.int32) -> None:
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)  # validate early
+        prepare_prefix(prefix)
         self._bin_path = data_file_path(prefix)
-        self._bin_tmp = _tmp_path(self._bin_path)
+        self._bin_tmp = tmp_path(self._bin_path)
+        self._idx_tmp = tmp_path(index_file_path(prefix))
         self._bin = open(self._bin_tmp, "wb")
         self._lengths: list[np.ndarray] = []  # chunks of int32 lengths
         self._pending_lengths: list[int] = []
@@ -150,6 +180,11 @@ class IndexedDatasetBuilder:
             self.add_sequence(seq)
         self.end_document()
 
+    def write_token_bytes(self, token_bytes: bytes) -> None:
+        """Stream tokens of sequences that a later `add_raw(b"", lengths, ...)` describes (long
+        documents are written piece by piece, never held whole)."""
+        self._bin.write(token_bytes)
+
     def add_raw(self, token_bytes: bytes, lengths: np.ndarray, document_ends: np.ndarray) -> None:
         """Append pre-encoded tokens: `lengths` per sequence and, per document, the number of
         sequences it holds (`document_ends` are cumulative counts relative to this call)."""
@@ -184,25 +219,45 @@ class IndexedDatasetBuilder:
                 self._bin.write(chunk)
         other.close()
 
-    def finalize(self, idx_path: Optional[str] = None) -> None:
-        """Close the `.bin`, write the `.idx`, and rename both into place (idx last)."""
+    def finalize(self) -> None:
+        """Close the `.bin`, write the `.idx` beside it, and commit both (`pair_files.commit_pair`).
+        On any failure (e.g. a full disk) the temporaries are removed and the old pair, if any,
+        is left as it was."""
         if self._finished:
             return
-        self._flush_lengths()
-        self._bin.close()
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
-        os.replace(self._bin_tmp, self._bin_path)
-        write_index(idx_path or index_file_path(self.prefix), self.dtype, lengths, np.asarray(self._doc_idx))
-        self._finished = True
+        try:
+            self._flush_lengths()
+            self._bin.close()
+            lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
+            expected = int(lengths.sum(dtype=np.int64)) * self.dtype.itemsize
+            written = os.path.getsize(self._bin_tmp)
+            assert written == expected, f"{self._bin_tmp}: {written} bytes written, lengths describe {expected}"
+            with open(self._idx_tmp, "wb") as f:
+                _write_index_file(f, self.dtype, lengths, np.asarray(self._doc_idx, dtype=np.int64))
+        except BaseException:
+            self.abort()
+            raise
+        self._finished = True  # commit_pair owns the temporaries now (it removes them on failure)
+        commit_pair(self.prefix, self._bin_tmp, self._idx_tmp)
 
     def abort(self) -> None:
         """Drop everything written so far (used when processing fails)."""
         if self._finished:
             return
         self._bin.close()
-        if os.path.exists(self._bin_tmp):
-            os.remove(self._bin_tmp)
+        for path in (self._bin_tmp, self._idx_tmp):
+            if os.path.exists(path):
+                os.remove(path)
         self._finished = True
+
+
+def _same_file(f: BinaryIO, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    own = os.fstat(f.fileno())
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 class IndexedDataset:
@@ -218,14 +273,50 @@ class IndexedDataset:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
-        for path in (idx_path, bin_path):
-            if not os.path.isfile(path):
-                raise IndexedDatasetError(f"indexed dataset file not found: {path}")
-        idx_size = os.path.getsize(idx_path)
+        idx_file, bin_file = self._open_pair(idx_path, bin_path)
+        try:
+            self._read(idx_path, bin_path, idx_file, bin_file)
+        finally:
+            idx_file.close()
+            bin_file.close()
+
+    def _open_pair(self, idx_path: str, bin_path: str, attempts: int = 5) -> tuple[BinaryIO, BinaryIO]:
+        """Open both files of one generation: no replacement in progress (no commit marker), and
+        after both opens the paths still name the opened files, so a replacement that ran between
+        the two opens is seen and the pair reopened."""
+        for attempt in range(attempts):
+            marker = commit_in_progress(self.prefix)
+            if marker is None:
+                files = []
+                try:
+                    for path in (idx_path, bin_path):
+                        files.append(open(path, "rb"))
+                except FileNotFoundError as exc:
+                    for f in files:
+                        f.close()
+                    raise IndexedDatasetError(f"indexed dataset file not found: {exc.filename}") from None
+                except IsADirectoryError as exc:
+                    for f in files:
+                        f.close()
+                    raise IndexedDatasetError(f"indexed dataset file not found: {exc.filename} is a directory") from None
+                marker = commit_in_progress(self.prefix)
+                if marker is None and all(_same_file(f, path) for f, path in zip(files, (idx_path, bin_path))):
+                    return files[0], files[1]
+                for f in files:
+                    f.close()
+            if attempt + 1 < attempts:
+                time.sleep(0.2 * (attempt + 1))
+        raise IndexedDatasetError(
+            f"{self.prefix}.bin/.idx are being replaced ({marker or 'files changed while opening'}); if no process "
+            f"is writing them, an earlier write was interrupted: rerun the tool that wrote them "
+            f"(tools/preprocess_data.py or tools/merge_datasets.py), which completes it"
+        )
+
+    def _read(self, idx_path: str, bin_path: str, idx_file: BinaryIO, bin_file: BinaryIO) -> None:
+        idx_size = os.fstat(idx_file.fileno()).st_size
         if idx_size < _HEADER.size:
             raise IndexedDatasetError(f"{idx_path}: truncated index ({idx_size} bytes, header needs {_HEADER.size})")
-        with open(idx_path, "rb") as f:
-            magic, version, code, seq_count, doc_count = _HEADER.unpack(f.read(_HEADER.size))
+        magic, version, code, seq_count, doc_count = _HEADER.unpack(idx_file.read(_HEADER.size))
         if magic != INDEX_MAGIC:
             raise IndexedDatasetError(f"{idx_path}: not a Megatron indexed dataset index (bad magic {magic!r})")
         if version != INDEX_VERSION:
@@ -239,7 +330,7 @@ class IndexedDataset:
                 f"{idx_path}: index size {idx_size} bytes does not match its header "
                 f"({seq_count} sequences, {doc_count} document entries need {expected} bytes); truncated or corrupt"
             )
-        self._idx_map = np.memmap(idx_path, mode="r", dtype=np.uint8)
+        self._idx_map = np.memmap(idx_file, mode="r", dtype=np.uint8)
         offset = _HEADER.size
         self.sequence_lengths = np.frombuffer(self._idx_map, dtype=np.int32, count=seq_count, offset=offset)
         offset += 4 * seq_count
@@ -250,16 +341,54 @@ class IndexedDataset:
         self.sequence_modes = (
             np.frombuffer(self._idx_map, dtype=np.int8, count=seq_count, offset=offset) if idx_size > expected else None
         )
-        if doc_count == 0 or self.document_indices[0] != 0 or self.document_indices[-1] != seq_count:
-            raise IndexedDatasetError(f"{idx_path}: document indices do not span the {seq_count} sequences")
-        total_bytes = int(self.sequence_lengths.sum(dtype=np.int64)) * self.dtype.itemsize
-        bin_size = os.path.getsize(bin_path)
-        if bin_size != total_bytes:
+        bin_size = os.fstat(bin_file.fileno()).st_size
+        self._validate(idx_path, bin_path, bin_size)
+        self._bin_map = np.memmap(bin_file, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, dtype=np.uint8)
+
+    def _validate(self, idx_path: str, bin_path: str, bin_size: int) -> None:
+        """The index must describe the `.bin` exactly: lengths non-negative, pointers the running
+        byte sum of the lengths (so monotone and in bounds), the lengths summing to the `.bin`
+        size, document indices non-decreasing from 0 to the sequence count. Vectorised, in chunks
+        of `_CHECK_CHUNK` sequences."""
+        lengths, pointers, docs = self.sequence_lengths, self.sequence_pointers, self.document_indices
+        seq_count, itemsize = len(lengths), self.dtype.itemsize
+        if len(docs) == 0 or docs[0] != 0 or docs[-1] != seq_count:
+            first, last = (int(docs[0]), int(docs[-1])) if len(docs) else (None, None)
             raise IndexedDatasetError(
-                f"{bin_path}: {bin_size} bytes, but the index describes {total_bytes} bytes; "
-                "the .bin is truncated or belongs to another index"
+                f"{idx_path}: document indices run from {first} to {last} but must run from 0 to the {seq_count} "
+                f"sequences; the index is corrupt: {REBUILD_HINT}"
             )
-        self._bin_map = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, dtype=np.uint8)
+        steps = np.diff(docs)
+        if steps.size and steps.min() < 0:
+            bad = int(np.argmax(steps < 0))
+            raise IndexedDatasetError(
+                f"{idx_path}: document indices decrease at document {bad} ({int(docs[bad])} then {int(docs[bad + 1])}); "
+                f"the index is corrupt: {REBUILD_HINT}"
+            )
+        running = 0  # bytes before the current chunk
+        for begin in range(0, seq_count, _CHECK_CHUNK):
+            chunk = lengths[begin : begin + _CHECK_CHUNK].astype(np.int64)
+            if chunk.min() < 0:
+                bad = begin + int(np.argmax(chunk < 0))
+                raise IndexedDatasetError(
+                    f"{idx_path}: sequence {bad} has negative length {int(lengths[bad])}; the index is corrupt: {REBUILD_HINT}"
+                )
+            ends = np.cumsum(chunk * itemsize) + running
+            starts = ends - chunk * itemsize
+            wrong = pointers[begin : begin + _CHECK_CHUNK] != starts
+            if wrong.any():
+                bad = int(np.argmax(wrong))
+                raise IndexedDatasetError(
+                    f"{idx_path}: sequence {begin + bad} starts at byte {int(pointers[begin + bad])} of the .bin but "
+                    f"the lengths before it put it at byte {int(starts[bad])} (pointers and lengths disagree); the "
+                    f"index is corrupt: {REBUILD_HINT}"
+                )
+            running = int(ends[-1])
+        if bin_size != running:
+            raise IndexedDatasetError(
+                f"{bin_path}: {bin_size} bytes, but the index describes {running} bytes; "
+                f"the .bin is truncated or belongs to another index: {REBUILD_HINT}"
+            )
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)

@@ -144,9 +144,11 @@ class _Outputs:
                     os.remove(path)
 
     def abort(self) -> None:
+        """Drop temporaries and partition parts. Keys already committed keep their new, complete
+        pair (each pair is replaced whole or not at all; see pair_files)."""
         for builder in self.builders.values():
             builder.abort()
-        self._remove(self.parts + self.finished)
+        self._remove(self.parts)
 
 
 def _recover(encoder: BatchEncoder, unit: WorkUnit, error: TokenizeError, bad: BadRecords) -> Tuple[WorkUnit, Dict[str, EncodedKey]]:
