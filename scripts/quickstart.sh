@@ -21,6 +21,10 @@ ROOT=$(pwd)
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 OUT=${QUICKSTART_OUT:-quickstart_out}
+case "$OUT" in
+    /*) ;;                 # an absolute QUICKSTART_OUT is used as given
+    *) OUT=$ROOT/$OUT ;;   # a relative one is taken from the repository root
+esac
 
 step() { echo; echo "=== $*"; }
 
@@ -84,12 +88,12 @@ export HL_TOKEN_DISPATCHER_TYPE=${HL_TOKEN_DISPATCHER_TYPE:-allgather}
 export HL_USE_DISTRIBUTED_OPTIMIZER=${HL_USE_DISTRIBUTED_OPTIMIZER:-0}
 export HL_NUM_WORKERS=${HL_NUM_WORKERS:-0}
 export HL_SEED=${HL_SEED:-1234}
-export HL_DATA_DIR_ROOT=${HL_DATA_DIR_ROOT:-$ROOT/$OUT/data}
+export HL_DATA_DIR_ROOT=${HL_DATA_DIR_ROOT:-$OUT/data}
 export HL_DATA_FILE_PREFIX=${HL_DATA_FILE_PREFIX:-corpus_text_document}
-export HL_DATA_CACHE_DIR=${HL_DATA_CACHE_DIR:-$ROOT/$OUT/data/cache}
+export HL_DATA_CACHE_DIR=${HL_DATA_CACHE_DIR:-$OUT/data/cache}
 export HL_TOKENIZER_TYPE=${HL_TOKENIZER_TYPE:-HuggingFaceTokenizer}
-export HL_TOKENIZER_MODEL=${HL_TOKENIZER_MODEL:-$ROOT/$TOKENIZER}
-export HL_RESULTS_DIR=${HL_RESULTS_DIR:-$ROOT/$OUT/run_$(date +%Y%m%d_%H%M%S)}
+export HL_TOKENIZER_MODEL=${HL_TOKENIZER_MODEL:-$TOKENIZER}
+export HL_RESULTS_DIR=${HL_RESULTS_DIR:-$OUT/run_$(date +%Y%m%d_%H%M%S)}
 export HL_REDIRECT_LOGS=${HL_REDIRECT_LOGS:-1}
 export HL_ENV_FLAGS=${HL_ENV_FLAGS:-OMP_NUM_THREADS=1}
 export HL_DRY_RUN=${QUICKSTART_DRY_RUN:-${HL_DRY_RUN:-0}}

@@ -16,6 +16,7 @@ import glob
 import gzip
 import json
 import os
+import re
 from typing import Iterator, List, Optional, Sequence
 
 from megatron.training.data_prep.columnar import ArrowSource, DatasetsSource, ParquetSource
@@ -90,7 +91,9 @@ class JsonLinesSource(InputSource):
             bad.report(self.path, line_no, f"invalid UTF-8 (byte {exc.start} of the line)")
             return None
         except json.JSONDecodeError as exc:
-            bad.report(self.path, line_no, f"malformed JSON: {exc.msg} at column {exc.colno}")
+            # json's messages end in " at" when they point at a position ("starting at")
+            where = "column" if exc.msg.endswith(" at") else "at column"
+            bad.report(self.path, line_no, f"malformed JSON: {exc.msg} {where} {exc.colno}")
             return None
         if not isinstance(obj, dict):
             bad.report(self.path, line_no, f"expected a JSON object, got {type(obj).__name__}")
@@ -108,7 +111,29 @@ class JsonLinesSource(InputSource):
                     bad.report(self.path, line_no, problem)
                     return None
             values.append(value)
+        if b"\\ud" in line or b"\\uD" in line:  # only a \u escape can produce a surrogate
+            for key, value in zip(keys, values):
+                problem = surrogate_problem(key, value)
+                if problem:
+                    bad.report(self.path, line_no, problem)
+                    return None
         return values
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def surrogate_problem(key: str, value: Value) -> Optional[str]:
+    """Why `value` is not valid Unicode text (a lone UTF-16 surrogate from a JSON escape such as
+    "\\ud800", which no tokenizer can encode), or None."""
+    texts = [(None, value)] if isinstance(value, str) else list(enumerate(value))
+    for item, text in texts:
+        match = _SURROGATE.search(text)
+        if match:
+            where = f"key {key!r}" if item is None else f"key {key!r}: item {item} of the list"
+            return (f"{where}: lone surrogate \\u{ord(match.group()):04x} at character {match.start()} "
+                    "(a JSON \\u escape that is half of a UTF-16 pair) is not valid Unicode text")
+    return None
 
 
 def _starts_with_bracket(path: str) -> bool:
