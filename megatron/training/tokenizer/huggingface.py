@@ -2,14 +2,21 @@
 
 Ids match Megatron's `_HuggingFaceTokenizer`: `AutoTokenizer.from_pretrained(dir)(text).input_ids`,
 so special tokens are added exactly as the tokenizer's own post-processor adds them.
-`transformers` is imported only when one of these classes is built.
+
+Start-up: `transformers` imports torch (seconds), which the preprocessing tool does not need. A
+directory whose tokenizer_config.json names a generic fast tokenizer class (no class-specific
+encoding behaviour) and nothing beyond special-token names and decoding options is loaded
+straight from tokenizer.json with the `tokenizers` library; `AutoTokenizer` would wrap the same
+Rust tokenizer and encode through it, so the ids are the same. Anything else goes through
+`transformers`, which is also loaded (lazily) for decoding and for the `tokenizer` property.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .base import MegatronTokenizer
 from ._files import TokenizerFileError, require_dir
@@ -59,18 +66,88 @@ def _batch_backend(tok: Any) -> Any:
     return backend
 
 
+# tokenizer_config.json classes that add no encoding behaviour of their own to tokenizer.json
+GENERIC_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+# tokenizer_config.json keys that do not change the ids `tok(text)` gives
+_ENCODING_NEUTRAL_KEYS = {
+    "tokenizer_class", "backend", "bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token",
+    "mask_token", "added_tokens_decoder", "model_max_length", "clean_up_tokenization_spaces", "model_input_names",
+    "padding_side", "truncation_side", "name_or_path", "tokenizer_file", "auto_map", "chat_template",
+    "extra_special_tokens", "additional_special_tokens", "split_special_tokens",
+}
+_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
+
+
+def _token_content(value: Any) -> Optional[str]:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_plain_fast_tokenizer(path: str) -> Optional[tuple[Any, Dict[str, Optional[int]]]]:
+    """(Rust tokenizer set up as `AutoTokenizer(path)(text)` encodes, special-token ids) when the
+    directory can be loaded without transformers (see the module docstring), else None."""
+    json_file, config_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
+    if not (os.path.isfile(json_file) and os.path.isfile(config_file)):
+        return None
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("tokenizer_class") not in GENERIC_FAST_CLASSES:
+        return None
+    if set(config) - _ENCODING_NEUTRAL_KEYS:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(json_file)
+    except Exception:  # let transformers report the problem in its own words
+        return None
+    # Tokens that tokenizer_config.json declares must already be in tokenizer.json with the same id;
+    # otherwise transformers would add them, which changes the ids.
+    for token_id, token in (config.get("added_tokens_decoder") or {}).items():
+        if backend.id_to_token(int(token_id)) != _token_content(token):
+            return None
+    extra = config.get("additional_special_tokens") or []
+    extra += list((config.get("extra_special_tokens") or {}).values()) if isinstance(config.get("extra_special_tokens"), dict) else []
+    ids: Dict[str, Optional[int]] = {}
+    for name in _SPECIAL_NAMES:
+        content = _token_content(config.get(name))
+        ids[name] = backend.token_to_id(content) if content is not None else None
+        if content is not None and ids[name] is None:
+            return None
+    if any(_token_content(t) is None or backend.token_to_id(_token_content(t)) is None for t in extra):
+        return None
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
+    return backend, ids
+
+
 class HuggingFaceTokenizer(MegatronTokenizer):
     """Megatron's `HuggingFaceTokenizer`: any tokenizer AutoTokenizer can load from a local directory."""
 
     def __init__(self, path: str | os.PathLike, **kwargs: Any) -> None:
         self.path = os.fspath(path) if path is not None else None
-        self._tokenizer = _load_auto_tokenizer(self.path, **kwargs)
-        self._backend = _batch_backend(self._tokenizer)
-        self._vocab_size = len(self._tokenizer)
+        self._kwargs = kwargs
+        self._tokenizer: Any = None
+        plain = None if kwargs else load_plain_fast_tokenizer(require_dir(self.path, _FLAG, "Hugging Face tokenizer directory"))
+        if plain is not None:
+            self._backend, self._special_ids = plain
+            self._vocab_size = self._backend.get_vocab_size(with_added_tokens=True)
+        else:
+            self._tokenizer = _load_auto_tokenizer(self.path, **kwargs)
+            self._backend = _batch_backend(self._tokenizer)
+            self._special_ids = None
+            self._vocab_size = len(self._tokenizer)
 
     @property
     def tokenizer(self) -> Any:
-        """The underlying transformers tokenizer."""
+        """The underlying transformers tokenizer (loaded on first use when not needed to encode)."""
+        if self._tokenizer is None:
+            self._tokenizer = _load_auto_tokenizer(self.path, **self._kwargs)
         return self._tokenizer
 
     @property
@@ -79,11 +156,18 @@ class HuggingFaceTokenizer(MegatronTokenizer):
 
     @property
     def vocab(self) -> dict:
+        if self._special_ids is not None:
+            return self._backend.get_vocab(with_added_tokens=True)
         return self._tokenizer.get_vocab()
+
+    def _special(self, name: str) -> Optional[int]:
+        if self._special_ids is not None:
+            return self._special_ids[name]
+        return getattr(self._tokenizer, name + "_id")
 
     @property
     def eod(self) -> int:
-        eos = self._tokenizer.eos_token_id
+        eos = self._special("eos_token")
         if eos is None:
             raise ValueError(
                 f"the tokenizer in {_FLAG} {self.path!r} defines no eos_token, which Megatron uses as "
@@ -94,13 +178,17 @@ class HuggingFaceTokenizer(MegatronTokenizer):
 
     @property
     def bos(self) -> Optional[int]:
-        return self._tokenizer.bos_token_id
+        return self._special("bos_token")
 
     @property
     def pad(self) -> Optional[int]:
-        return self._tokenizer.pad_token_id
+        return self._special("pad_token")
 
     def tokenize(self, text: str) -> List[int]:
+        if self._special_ids is not None:
+            if not isinstance(text, str):
+                raise ValueError(f"tokenize expects a string, got {type(text).__name__}")
+            return self._backend.encode(text, add_special_tokens=True).ids
         return list(self._tokenizer(text).input_ids)
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
@@ -119,7 +207,7 @@ class HuggingFaceTokenizer(MegatronTokenizer):
         return [e.ids for e in encodings]
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode([int(i) for i in ids])
+        return self.tokenizer.decode([int(i) for i in ids])
 
 
 class DeepSeekV2Tokenizer(HuggingFaceTokenizer):
