@@ -18,7 +18,7 @@ from megatron.core.optimizer.adamw import adamw_step_
 from megatron.core.optimizer.clip_grads import clip_grads_, count_zeros, counts_in_norm, global_grad_norm
 from megatron.core.optimizer.config import OptimizerConfig
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer, merge_optimizer_shards
-from megatron.core.optimizer.optimizer import STATE_FORMAT, MegatronOptimizer, ModelChunk, uses_weight_decay
+from megatron.core.optimizer.optimizer import STATE_FORMAT, FillFn, MegatronOptimizer, ModelChunk, ShardPiece, uses_weight_decay
 from megatron.core.parallel_state import ParallelState
 
 
@@ -58,4 +58,6 @@ __all__ = [
     "clip_grads_",
     "uses_weight_decay",
     "STATE_FORMAT",
+    "ShardPiece",
+    "FillFn",
 ]

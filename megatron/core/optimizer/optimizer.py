@@ -14,14 +14,18 @@ modules) and converted to fp32 when needed. Parameter groups: "decay" and "no_de
 1-D parameters such as norm weights); the training loop sets ``lr`` (and ``weight_decay``) on
 ``param_groups`` or through `set_lr` before each step.
 
-State dict (plain tensors and primitives; see `state_dict` for the layout).
+State dict (plain tensors and primitives; see `state_dict` for the layout): an in-memory copy.
+Sharded state (`sharded_state` / `load_sharded_state`): what distributed checkpoints use. The
+optimizer describes, per parameter, the element range [lo, hi) of the flattened (TP/EP-local)
+parameter it holds and LIVE views of its fp32 state for those elements; a checkpoint writes
+those bytes as they are and loads by filling the same views, so no copy of the state is made.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +67,25 @@ class _Slot:
             return None
         g = g.reshape(-1)[self.lo : self.hi]
         return g if g.dtype == torch.float32 else g.float()
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """Optimizer state of elements [lo, hi) of one flattened parameter, as live views.
+
+    tensors: {"exp_avg", "exp_avg_sq"} and, for low-precision parameters, "master": fp32 [hi - lo]
+    views of the optimizer's own buffers (fp32 parameters are their own master weights)."""
+
+    name: str
+    param: nn.Parameter
+    lo: int
+    hi: int
+    tensors: Mapping[str, Tensor]
+
+
+# fill(piece, key, out): write the saved values of `key` for piece's elements into `out` (fp32
+# [hi - lo]) and return True, or return False when the saved state has no such values.
+FillFn = Callable[[ShardPiece, str, Tensor], bool]
 
 
 def _flat_param(param: nn.Parameter) -> Tensor:
@@ -228,6 +251,52 @@ class MegatronOptimizer:
         for s in self.slots:
             sd["params"][s.chunk][s.name] = self._entry(s)
         return sd
+
+    def sharded_state(self) -> Dict[str, Any]:
+        """{"header": {"format", "step", "param_groups"}, "pieces": [ShardPiece]}.
+
+        One piece per (parameter, element range) this rank updates: whole parameters here, this
+        rank's DP shard of them in the distributed optimizer. Tensors are live views: read them to
+        save (they change at the next step), write into them and call `load_sharded_state`."""
+        header = {"format": STATE_FORMAT, "step": self.step_count, "param_groups": [dict(g) for g in self.param_groups]}
+        pieces = []
+        for s in self.slots:
+            tensors = {"exp_avg": s.exp_avg, "exp_avg_sq": s.exp_avg_sq}
+            if s.owns_master:
+                tensors["master"] = s.master
+            pieces.append(ShardPiece(name=s.name, param=s.param, lo=s.lo, hi=s.hi, tensors=tensors))
+        return {"header": header, "pieces": pieces}
+
+    def load_sharded_state(self, header: Mapping[str, Any], fill: FillFn) -> None:
+        """Restore from saved sharded state: `fill` provides each piece's tensors (see `FillFn`).
+
+        exp_avg and exp_avg_sq must be found; a missing "master" (the saved parameter was fp32,
+        or only weights were saved) is taken from the parameter, which must be loaded first. The
+        step and parameter groups come from `header` (`sharded_state()["header"]` of the saver).
+        Raises ValueError for a header of another format or other groups, and for missing state.
+        """
+        if header.get("format") != STATE_FORMAT:
+            raise ValueError(f"not an optimizer state of format {STATE_FORMAT}: {header.get('format')!r}")
+        groups = header.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError("saved parameter groups do not match")
+        with torch.no_grad():
+            for piece in self.sharded_state()["pieces"]:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if not fill(piece, key, piece.tensors[key]):
+                        raise ValueError(f"saved optimizer state lacks {key} of {piece.name}")
+                if "master" in piece.tensors and not fill(piece, "master", piece.tensors["master"]):
+                    piece.tensors["master"].copy_(_flat_param(piece.param)[piece.lo : piece.hi])
+        for group, saved in zip(self.param_groups, groups):
+            group.update({k: saved[k] for k in ("lr", "weight_decay", "wd_mult") if k in saved})
+        self.step_count = int(header["step"])
+
+    @torch.no_grad()
+    def refresh_master_weights(self) -> None:
+        """Copy the parameters into the fp32 master weights (after loading weights only)."""
+        for s in self.slots:
+            if s.owns_master:
+                s.master.copy_(_flat_param(s.param)[s.lo : s.hi])
 
     def _check_header(self, sd: Dict[str, Any]) -> None:
         if sd.get("format") != STATE_FORMAT:

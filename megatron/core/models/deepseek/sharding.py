@@ -9,12 +9,18 @@ attributes:
 - `is_expert`: stacked routed-expert weights [E, ...], this EP rank's experts along dim 0;
 - anything else: the whole tensor.
 `gather_full_state_dict` is the inverse (collectives over the TP and EP groups).
+
+`placement_of` describes the same split without data: where the rank's tensor sits inside the
+full tensor, as a box with global offsets (what distributed checkpoints store and intersect).
+Vocabulary padding: a parameter may carry `logical_rows = N` (an int), meaning rows >= N of the
+GLOBAL tensor (dim 0) are padding whose count depends on the TP size; its placement's
+`global_shape` then has N rows, and the rank's rows beyond N are not part of the logical tensor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -48,6 +54,62 @@ class ShardInfo:
 
 def _is_fused_gate_up(name: str, param: nn.Parameter) -> bool:
     return name.endswith("gate_up_proj.weight") and getattr(param, "tensor_model_parallel", False)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one rank's (TP/EP-local) tensor sits in the full logical tensor, in "stored" dims.
+
+    view_shape: the local tensor's shape as stored; equal to its shape except the fused dense
+        SwiGLU `gate_up_proj` [2F/tp, H], seen as [2, F/tp, H] (same memory order) so that its TP
+        shard [gate chunk; up chunk] is one box of the full [2, F, H].
+    offsets: global index of the local view's first element (same rank as view_shape).
+    global_shape: the full tensor in stored dims, dim 0 clipped to `logical_rows` when set.
+    logical_rows: rows of the global tensor (dim 0) that are data; None when all are.
+    """
+
+    view_shape: Tuple[int, ...]
+    offsets: Tuple[int, ...]
+    global_shape: Tuple[int, ...]
+    logical_rows: Optional[int] = None
+
+
+def _fused_view(name: str, param: torch.Tensor) -> bool:
+    return name.endswith("gate_up_proj.weight") and param.dim() == 2 and not getattr(param, "is_expert", False)
+
+
+def placement_of(name: str, param: torch.Tensor, info: ShardInfo) -> Placement:
+    """The box of the full tensor that this rank's `param` holds (no data, no communication).
+
+    Mirrors `shard_of`: experts split dim 0 over EP; `tensor_model_parallel` parameters split
+    `partition_dim` over TP (dim 1 of the [2, F, H] view for the fused dense gate_up)."""
+    shape = tuple(int(d) for d in param.shape)
+    fused = _fused_view(name, param)
+    if fused:
+        if shape[0] % 2:
+            raise ValueError(f"{name}: fused gate_up with an odd row count {shape[0]}")
+        view = (2, shape[0] // 2, shape[1])
+    else:
+        view = shape
+    offsets, full = [0] * len(view), list(view)
+    if getattr(param, "is_expert", False) and info.ep_size > 1:
+        full[0], offsets[0] = view[0] * info.ep_size, view[0] * info.ep_rank
+    if getattr(param, "tensor_model_parallel", False) and info.tp_size > 1:
+        if getattr(param, "is_expert", False):
+            raise NotImplementedError(f"{name}: tensor-parallel expert weights (expert tensor parallelism) are not supported")
+        dim = int(getattr(param, "partition_dim", 0))
+        if fused:
+            if dim != 0:
+                raise ValueError(f"{name}: fused gate_up split along dim {dim}, expected 0")
+            dim = 1
+        full[dim], offsets[dim] = view[dim] * info.tp_size, view[dim] * info.tp_rank
+    rows = getattr(param, "logical_rows", None)
+    if rows is not None:
+        rows = int(rows)
+        if fused or not full or not 0 < rows <= full[0]:
+            raise ValueError(f"{name}: logical_rows {rows} does not fit the global tensor {tuple(full)}")
+        full[0] = rows
+    return Placement(view_shape=view, offsets=tuple(offsets), global_shape=tuple(full), logical_rows=rows)
 
 
 def shard_of(name: str, param: nn.Parameter, full: torch.Tensor, info: ShardInfo) -> torch.Tensor:
