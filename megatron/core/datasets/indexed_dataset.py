@@ -185,7 +185,7 @@ class IndexedDatasetBuilder:
         documents are written piece by piece, never held whole)."""
         self._bin.write(token_bytes)
 
-    def add_raw(self, token_bytes: bytes, lengths: np.ndarray, document_ends: np.ndarray) -> None:
+    def add_raw(self, token_bytes: Union[bytes, memoryview], lengths: np.ndarray, document_ends: np.ndarray) -> None:
         """Append pre-encoded tokens: `lengths` per sequence and, per document, the number of
         sequences it holds (`document_ends` are cumulative counts relative to this call)."""
         self._bin.write(token_bytes)

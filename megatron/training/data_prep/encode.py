@@ -10,6 +10,10 @@ Semantics follow Megatron's tool exactly (the outputs must be byte-identical):
   * sentences that tokenize to nothing are skipped;
   * with `append_eod`, eod is appended to the last sequence of every non-empty document;
   * a document with no tokens still closes a document (an empty entry in document_indices).
+
+Texts longer than LONG_TEXT_CHARS are tokenized in pieces where the tokenizer supports it
+(`tokenize_pieces`, cut only where the ids cannot change; see tokenizer/long_text.py), each
+piece's ids packed into the output dtype at once, so memory stays a small multiple of the text.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from itertools import chain
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from megatron.training.data_prep.inputs import Value
 from megatron.training.data_prep.sentences import SentenceSplitter, split_text
+
+LONG_TEXT_CHARS = 1 << 20  # texts longer than this (characters) are tokenized piece by piece
+PIECE_CHARS = 1 << 18  # characters per piece: the Rust tokenizer needs ~70 bytes per character of a call
 
 
 @dataclass
@@ -49,14 +56,22 @@ class TokenizeError(ValueError):
         return (TokenizeError, (self.position, str(self)))
 
 
+def _packed(ids: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    try:
+        return np.array(ids, dtype=dtype)
+    except (OverflowError, ValueError) as exc:
+        raise ValueError(f"token id does not fit the output dtype {np.dtype(dtype)}: {exc}") from exc
+
+
 def assemble(
-    ids: Sequence[Sequence[int]],
+    ids: Sequence[Union[Sequence[int], np.ndarray]],
     sentences_per_doc: Optional[np.ndarray],
     eod: int,
     append_eod: bool,
     dtype: np.dtype,
 ) -> EncodedKey:
-    """Pack token id lists (one per sentence, documents in order) into numpy arrays.
+    """Pack token id lists (one per sentence, documents in order; long texts already as numpy
+    arrays of `dtype`) into numpy arrays.
 
     `sentences_per_doc` is None when every document is exactly one sentence (the common,
     fastest path). Empty sentences are dropped; eod goes after each non-empty document.
@@ -64,10 +79,14 @@ def assemble(
     n_sent = len(ids)
     sent_lens = np.fromiter(map(len, ids), dtype=np.int64, count=n_sent)
     total = int(sent_lens.sum())
-    try:
-        flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=total)
-    except (OverflowError, ValueError) as exc:
-        raise ValueError(f"token id does not fit the output dtype {np.dtype(dtype)}: {exc}") from exc
+    if any(isinstance(x, np.ndarray) for x in ids):
+        flat = np.concatenate([x if isinstance(x, np.ndarray) else _packed(x, dtype) for x in ids]) if ids else \
+            np.zeros(0, dtype=dtype)
+    else:
+        try:
+            flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=total)
+        except (OverflowError, ValueError) as exc:
+            raise ValueError(f"token id does not fit the output dtype {np.dtype(dtype)}: {exc}") from exc
     keep = sent_lens > 0
     kept_lens = sent_lens[keep]
     if sentences_per_doc is None:
@@ -118,9 +137,30 @@ class BatchEncoder:
             counts[i] = len(parts)
         return texts, counts
 
-    def _tokenize(self, texts: List[str], owners: Optional[np.ndarray]) -> List[List[int]]:
-        try:
+    def _tokenize_long(self, text: str) -> Union[List[int], np.ndarray]:
+        """The ids of one long text, as an array of the output dtype built piece by piece."""
+        pieces = self.tokenizer.tokenize_pieces(text, PIECE_CHARS)
+        if pieces is None:  # this tokenizer cannot cut text without changing ids
+            return self.tokenizer.tokenize(text)
+        arrays = [_packed(piece, self.dtype) for piece in pieces]
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=self.dtype)
+
+    def _tokenize_all(self, texts: List[str]) -> List[Union[List[int], np.ndarray]]:
+        long = [i for i, t in enumerate(texts) if len(t) > LONG_TEXT_CHARS]
+        if not long:
             return self.tokenizer.tokenize_batch(texts)
+        is_long = set(long)
+        short = [i for i in range(len(texts)) if i not in is_long]
+        out: List[Union[List[int], np.ndarray]] = [[] for _ in texts]
+        for i, ids in zip(short, self.tokenizer.tokenize_batch([texts[i] for i in short]) if short else []):
+            out[i] = ids
+        for i in long:
+            out[i] = self._tokenize_long(texts[i])
+        return out
+
+    def _tokenize(self, texts: List[str], owners: Optional[np.ndarray]) -> List[Union[List[int], np.ndarray]]:
+        try:
+            return self._tokenize_all(texts)
         except Exception as batch_error:  # find the record to name it
             for i, text in enumerate(texts):
                 try:

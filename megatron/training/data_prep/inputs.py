@@ -77,6 +77,7 @@ class JsonLinesSource(InputSource):
                         batch.line_numbers.append(line_no)
                         batch.global_indices.append(first_index + line_no - 1)
                     self.records_seen = line_no
+                    lines = line = None  # drop the raw bytes now: a line can be a 200 MB document
                     yield batch
             finally:
                 if stream is not raw:

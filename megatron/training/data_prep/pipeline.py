@@ -116,7 +116,7 @@ class _Outputs:
 
     def add(self, partition: int, encoded: Dict[str, EncodedKey]) -> None:
         for key, enc in encoded.items():
-            self.builders[key, partition].add_raw(enc.tokens.tobytes(), enc.lengths, enc.doc_ends)
+            self.builders[key, partition].add_raw(memoryview(enc.tokens), enc.lengths, enc.doc_ends)  # no copy
 
     def finalize(self) -> None:
         if self.partitions == 1:

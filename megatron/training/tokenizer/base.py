@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import List, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 
 class MegatronTokenizer(ABC):
@@ -27,6 +27,12 @@ class MegatronTokenizer(ABC):
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         """Tokenize many texts at once; tokenizers backed by Rust override this to run in parallel."""
         return [self.tokenize(t) for t in texts]
+
+    def tokenize_pieces(self, text: str, piece_chars: int) -> Optional[Iterator[List[int]]]:
+        """`tokenize(text)` as consecutive id lists, each from about `piece_chars` characters
+        (bounded memory for huge texts; see long_text.py), or None when this tokenizer cannot
+        cut text without changing the ids."""
+        return None
 
     @abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str: ...

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .base import MegatronTokenizer
 from ._files import require_file
+from .long_text import iter_piece_ids, probe_cut_mode
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -74,6 +75,7 @@ class GPT2BPETokenizer(MegatronTokenizer):
         self._tokenizer = tokenizer
         self._vocab = vocab
         self._eod = vocab[EOD_TOKEN]
+        self._cut_mode: Optional[str] = None
 
     @property
     def vocab_size(self) -> int:
@@ -101,6 +103,12 @@ class GPT2BPETokenizer(MegatronTokenizer):
         # encode_batch_fast (tokenizers >= 0.20) skips computing offsets; same ids.
         encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def tokenize_pieces(self, text: str, piece_chars: int) -> Optional[Iterator[List[int]]]:
+        """GPT-2's regex splits "word| word": see long_text.py."""
+        if self._cut_mode is None:
+            self._cut_mode = probe_cut_mode(self.tokenize_batch) or ""
+        return iter_piece_ids(text, self._cut_mode, self.tokenize_batch, piece_chars) if self._cut_mode else None
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Bytes of the tokens decoded as UTF-8, invalid sequences replaced (Megatron's errors="replace")."""

@@ -14,12 +14,14 @@ Rust tokenizer and encode through it, so the ids are the same. Anything else goe
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from .base import MegatronTokenizer
 from ._files import TokenizerFileError, require_dir
+from .long_text import iter_piece_ids, probe_cut_mode, special_wrapping
 
 _FLAG = "--tokenizer-model"
 
@@ -205,6 +207,24 @@ class HuggingFaceTokenizer(MegatronTokenizer):
         encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         encodings = encode(texts, add_special_tokens=True)
         return [e.ids for e in encodings]
+
+    def _encode_plain(self, texts: Sequence[str]) -> List[List[int]]:
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+    def tokenize_pieces(self, text: str, piece_chars: int) -> Optional[Iterator[List[int]]]:
+        """For Rust tokenizers with a pre-tokenizer (text without one is a single pre-token that no
+        cut may split): plain ids piece by piece inside the post-processor's special tokens."""
+        if self._backend is None or self._backend.pre_tokenizer is None:
+            return None
+        if not hasattr(self, "_cut_mode"):
+            self._cut_mode = probe_cut_mode(self._encode_plain) or ""
+            self._wrapping = special_wrapping(lambda t: self._backend.encode(t, add_special_tokens=True).ids,
+                                              lambda t: self._encode_plain([t])[0])
+        if not self._cut_mode:
+            return None
+        before, after = self._wrapping
+        return itertools.chain([before], iter_piece_ids(text, self._cut_mode, self._encode_plain, piece_chars), [after])
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids])

@@ -6,11 +6,13 @@ as Llama-2 was trained. Both end documents with the model's eos piece.
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 from .base import MegatronTokenizer
 from ._files import require_file
+from .long_text import iter_piece_ids, probe_cut_mode
 
 _FLAG = "--tokenizer-model"
 
@@ -45,6 +47,7 @@ class _SentencePieceBase(MegatronTokenizer):
         self._bos_id = int(self._sp.bos_id())
         self._eos_id = int(self._sp.eos_id())
         self._pad_id = int(self._sp.pad_id())
+        self._cut_mode: Optional[str] = None
 
     @property
     def processor(self) -> Any:
@@ -93,6 +96,13 @@ class _SentencePieceBase(MegatronTokenizer):
         # SentencePiece encodes a list on its own C++ thread pool.
         return self._sp.encode(texts, out_type=int)
 
+    def _plain_pieces(self, text: str, piece_chars: int) -> Optional[Iterator[List[int]]]:
+        """Plain ids of `text` piece by piece, cut between whitespace-separated pieces (see
+        long_text.py; the probe finds whether this model's dummy prefix replaces the space)."""
+        if self._cut_mode is None:
+            self._cut_mode = probe_cut_mode(self._encode_batch) or ""
+        return iter_piece_ids(text, self._cut_mode, self._encode_batch, piece_chars) if self._cut_mode else None
+
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -105,6 +115,9 @@ class GPTSentencePieceTokenizer(_SentencePieceBase):
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return self._encode_batch(texts)
+
+    def tokenize_pieces(self, text: str, piece_chars: int) -> Optional[Iterator[List[int]]]:
+        return self._plain_pieces(text, piece_chars)
 
 
 class Llama2Tokenizer(_SentencePieceBase):
@@ -129,6 +142,12 @@ class Llama2Tokenizer(_SentencePieceBase):
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [[self._bos_id] + ids for ids in self._encode_batch(texts)]
+
+    def tokenize_pieces(self, text: str, piece_chars: int) -> Optional[Iterator[List[int]]]:
+        pieces = self._plain_pieces(text, piece_chars)
+        if pieces is None:
+            return None
+        return itertools.chain([[self._bos_id]], pieces)
 
 
 __all__ = ["GPTSentencePieceTokenizer", "Llama2Tokenizer"]

@@ -13,7 +13,7 @@ import base64
 import binascii
 import os
 import re
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from .base import MegatronTokenizer
 from ._files import require_file
@@ -87,13 +87,14 @@ def split_long_runs(text: str, max_run: int = MAX_RUN_CHARS) -> Iterator[str]:
     yield text[start:]
 
 
-def llama3_pieces(text: str) -> List[str]:
+def iter_llama3_pieces(text: str) -> Iterator[str]:
     """The pieces Meta's encoder tokenizes separately: 400k-char chunks, each split by split_long_runs."""
-    return [
-        piece
-        for i in range(0, len(text), MAX_ENCODE_CHARS)
-        for piece in split_long_runs(text[i : i + MAX_ENCODE_CHARS])
-    ]
+    for i in range(0, len(text), MAX_ENCODE_CHARS):
+        yield from split_long_runs(text[i : i + MAX_ENCODE_CHARS])
+
+
+def llama3_pieces(text: str) -> List[str]:
+    return list(iter_llama3_pieces(text))
 
 
 class Llama3Tokenizer(MegatronTokenizer):
@@ -180,6 +181,25 @@ class Llama3Tokenizer(MegatronTokenizer):
             out.append(ids)
             pos += n
         return out
+
+    def tokenize_pieces(self, text: str, piece_chars: int) -> Optional[Iterator[List[int]]]:
+        """Meta's encoder already encodes 400k-character pieces on their own (and so do
+        `tokenize`/`tokenize_batch`); here they are produced a few at a time."""
+        if not isinstance(text, str):
+            raise ValueError(f"tokenize expects a string, got {type(text).__name__}")
+
+        def pieces() -> Iterator[List[int]]:
+            yield [self._bos_id]
+            group: List[str] = []
+            for piece in iter_llama3_pieces(text):
+                group.append(piece)
+                if len(group) == 4:
+                    yield from self._model.encode_batch(group, allowed_special="all", disallowed_special=())
+                    group = []
+            if group:
+                yield from self._model.encode_batch(group, allowed_special="all", disallowed_special=())
+
+        return pieces()
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._model.decode([int(i) for i in ids])
