@@ -35,7 +35,7 @@ class ParallelConfig:
     # TP ranks (which hold distinct tokens under the sequence parallelism MoE requires) act as
     # expert-parallel / expert-data-parallel ranks.
     expert_tensor_parallel_size: Optional[int] = None
-    sequence_parallel: bool = False  # --sequence-parallel
+    sequence_parallel: bool = False  # --sequence-parallel (no effect with one TP rank)
 
     @property
     def etp(self) -> int:
@@ -86,8 +86,6 @@ class RankGrid:
                 f"expert parallel size {self.ep} x expert tensor size {self.etp} must divide the "
                 f"{stage} ranks of a pipeline stage (TP {self.tp} x DP {self.dp}); change --expert-model-parallel-size"
             )
-        if config is not None and config.sequence_parallel and self.tp == 1:
-            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
     @property
     def dp(self) -> int:

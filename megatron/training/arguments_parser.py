@@ -8,10 +8,12 @@ existing job scripts run unchanged. Deviations, each on purpose:
   --qk-layernorm, --disable-bias-linear, RMSNorm, RoPE) are accepted; only an explicit
   contradiction (e.g. --normalization LayerNorm) is an error.
 - Flags in COMPAT_FLAGS are accepted and have no effect (fusions that do not exist here,
-  Transformer-Engine choices, GQA sizes that MLA ignores); their help says so.
+  Transformer-Engine choices, GQA sizes that MLA ignores); their help says so, and a run that
+  gives one prints a note saying so.
 - Ours (not in Megatron): --model-preset, --device, --use-lazy-mode, --skip-nan-loss,
   --check-for-nan-in-loss-and-grad (Megatron only has the --no- form), --beta-fast,
-  --beta-slow, --original-max-position-embeddings, --no-rotary-interleaved.
+  --beta-slow, --original-max-position-embeddings, --no-rotary-interleaved,
+  --override-explicit-args-from-checkpoint, --allow-no-checkpoint.
 The parser raises ArgumentsError (a ValueError) instead of exiting, so unknown flags and bad
 values surface like every other configuration error, with argparse's message.
 """
@@ -22,8 +24,9 @@ import argparse
 import ast
 from typing import List, Optional, Tuple, Union
 
+from megatron.core.config import RECOMPUTE_MODULES
+
 DEVICE_KINDS = ("auto", "hpu", "cuda", "cpu")
-RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
 DISTRIB_OPTIM_METHODS = ("parallel_node_0", "parallel_multi_node", "serial_per_node", "serial_per_dp_groups")
 _MAX_PATTERN = 1_000_000  # --moe-layer-freq list entries (guards "[0]*10**12")
 
@@ -125,16 +128,22 @@ COMPAT_FLAGS: Tuple[Tuple[str, dict, str], ...] = (
     ("--moe-router-fp32", dict(action="store_true"), "routing is always computed in fp32"),
     ("--manual-gc", dict(action="store_true"), "garbage collection is left to Python"),
     ("--manual-gc-interval", dict(type=int, default=0), "garbage collection is left to Python"),
+    ("--save-distrib-optimizer-method", dict(choices=DISTRIB_OPTIM_METHODS, default="serial_per_node"),
+     "every rank writes its own optimizer shard"),
+    ("--load-distrib-optimizer-method", dict(choices=DISTRIB_OPTIM_METHODS, default="serial_per_dp_groups"),
+     "every rank reads only the slices it needs"),
 )
 
 
-def _compat_dest(flag: str) -> str:
+def compat_dest(flag: str) -> str:
+    """Parser dest of a flag of COMPAT_FLAGS."""
     return "compat_" + flag.lstrip("-").replace("-", "_")
 
 
 def build_parser(prog: Optional[str] = None) -> MegatronArgumentParser:
     """The full flag set. Defaults are Megatron's; `parse_args` resolves and validates them."""
-    from megatron.training.config_adapters import preset_names, tokenizer_types
+    from megatron.core.models.deepseek.presets import preset_names
+    from megatron.training.config.tokenizer_flags import tokenizer_types
 
     p = MegatronArgumentParser(
         prog=prog,
@@ -154,7 +163,7 @@ def build_parser(prog: Optional[str] = None) -> MegatronArgumentParser:
     _device_args(p)
     g = p.add_argument_group("accepted for compatibility (no effect)")
     for flag, kwargs, why in COMPAT_FLAGS:
-        g.add_argument(flag, dest=_compat_dest(flag), help=f"No effect: {why}.", **kwargs)
+        g.add_argument(flag, dest=compat_dest(flag), help=f"No effect: {why}.", **kwargs)
     return p
 
 
@@ -257,8 +266,6 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
     a("--overlap-grad-reduce", action="store_true")
     a("--overlap-param-gather", action="store_true")
     a("--distributed-timeout-minutes", type=int, default=10)
-    a("--save-distrib-optimizer-method", choices=DISTRIB_OPTIM_METHODS, default="serial_per_node")
-    a("--load-distrib-optimizer-method", choices=DISTRIB_OPTIM_METHODS, default="serial_per_dp_groups")
 
 
 def _training_args(p: argparse.ArgumentParser) -> None:
@@ -359,7 +366,11 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     a("--use-mp-args-from-checkpoint-args", action="store_true")
     a("--no-use-tokenizer-model-from-checkpoint-args", action="store_false",
       dest="use_tokenizer_model_from_checkpoint_args")
-    a("--exit-on-missing-checkpoint", action="store_true")
+    a("--exit-on-missing-checkpoint", action="store_true", help="Default unless --load is the --save directory.")
+    a("--allow-no-checkpoint", action="store_true",
+      help="Train from scratch when --load holds no checkpoint (the default only when --load is the --save directory).")
+    a("--override-explicit-args-from-checkpoint", action="store_true",
+      help="With --use-checkpoint-args, let the checkpoint's model flags win over differing explicit ones.")
     a("--ckpt-step", type=int, default=None)
     a("--ckpt-format", type=str, default="torch_dist", help="Only torch_dist.")
     a("--verify-checkpoint", action="store_true")

@@ -1,26 +1,27 @@
-"""RunConfig + ParallelState -> this rank's model stage, its DDP wrapper and the optimizer.
+"""This rank's model stage, its DDP wrapper and the optimizer: the one construction path.
 
-Same construction as tests/unit/parallel/layout_harness.py: the stage's layer range from the
-pipeline split, a TensorParallelContext over the TP group, MoE layers told the parallel state
-and token dispatcher, DDP over dp/edp, then the (distributed) AdamW optimizer.
+`pretrain_gpt.py`, the tools and the tests all build models here. `build_model_stage` takes the
+model config and the layout explicitly; `build_training_stage` adds DDP and the optimizer from a
+`RunConfig` (the adapters from the run's sections to the core configs live here, so core never
+sees training's config types).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
 
-from megatron.core.config import RecomputeConfig
+from megatron.core.config import DeepSeekConfig, RecomputeConfig
 from megatron.core.device import Device
 from megatron.core.distributed import DDPConfig, DistributedDataParallel
 from megatron.core.models.deepseek.model import DeepSeekModel
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, build_optimizer
 from megatron.core.parallel_state import ParallelState
-from megatron.core.tensor_parallel.random import EXPERT_PARALLEL_SEED_OFFSET
-from megatron.core.transformer.parallel_context import TensorParallelContext
+from megatron.core.transformer.parallel_context import ParallelContext
+from megatron.training.config import RunConfig
 
 
 @dataclass
@@ -37,53 +38,70 @@ class ModelStage:
         return [self.ddp]
 
 
-def stage_layer_range(run: Any, pp_rank: int) -> Tuple[int, int]:
-    """[start, end) decoder layers of pipeline stage `pp_rank` (RunConfig.stage_layers)."""
-    counts = run.stage_layers
-    start = sum(counts[:pp_rank])
-    return start, start + counts[pp_rank]
-
-
-def _reinit_experts(model: nn.Module, seed: int, ep_rank: int) -> None:
-    """Give each expert-parallel rank's local experts their own init stream (Megatron's expert RNG)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + EXPERT_PARALLEL_SEED_OFFSET + 100 * ep_rank)
-        for module in model.modules():
-            if module.__class__.__name__ == "GroupedExperts" and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-
-
-def recompute_config(run: Any) -> RecomputeConfig:
-    """--recompute-granularity / -method / -num-layers / -modules as the model's RecomputeConfig."""
-    t = run.training
-    return RecomputeConfig(granularity=t.recompute_granularity, method=t.recompute_method,
-                           num_layers=t.recompute_num_layers, modules=tuple(t.recompute_modules))
-
-
-def build_model_stage(run: Any, state: ParallelState, device: Device, local_rank: int = 0) -> ModelStage:
-    """Build this rank's DeepSeekModel stage on `device`, wrap it in DDP and build the optimizer."""
-    if not run.vocab_size_final:
-        raise ValueError("call config_adapters.finalize_vocab_size(run, tokenizer.vocab_size) before building the model")
-    pp_rank = state.rank_in("pp")
-    layer_range = stage_layer_range(run, pp_rank)
-    tp = TensorParallelContext(
-        group=state.group("tp"), size=state.size("tp"), sequence_parallel=run.parallel.sequence_parallel
-    )
+def build_model_stage(
+    config: DeepSeekConfig,
+    state: ParallelState,
+    device: Device,
+    *,
+    layer_range: Tuple[int, int],
+    dispatcher: str,
+    recompute: RecomputeConfig,
+    seed: int,
+    local_rank: int = 0,
+) -> DeepSeekModel:
+    """This rank's stage of the model: decoder layers `layer_range` (global indices), the embedding
+    on the first stage, the output head and MTP on the last, split over TP / EP as `state` says,
+    initialised from `seed` (the same values in every layout), in the config's dtype on `device`."""
     model = DeepSeekModel(
-        run.model,
-        tp=tp,
+        config,
+        parallel=ParallelContext.from_parallel_state(state, dispatcher),
         layer_range=layer_range,
         pre_process=state.is_first_stage,
         post_process=state.is_last_stage,
-        moe_kwargs={"parallel_state": state, "token_dispatcher_type": run.distributed.moe_token_dispatcher_type},
-        recompute=recompute_config(run),
+        recompute=recompute,
+        seed=seed,
     )
-    if state.size("ep") > 1:
-        _reinit_experts(model, run.training.seed, state.rank_in("ep"))
-    dtype = getattr(torch, run.model.params_dtype)
-    model = model.to(device=device.torch_device(local_rank), dtype=dtype)
-    ddp = DistributedDataParallel(model, DDPConfig.from_run_config(run), state)
-    optimizer = build_optimizer([ddp], OptimizerConfig.from_run_config(run), state)
+    return model.to(device=device.torch_device(local_rank), dtype=getattr(torch, config.params_dtype))
+
+
+def ddp_config(run: RunConfig) -> DDPConfig:
+    """Gradient buffers: fp32 reduction with bf16 parameters, as Megatron does."""
+    o, t = run.optimizer, run.training
+    return DDPConfig(
+        overlap_grad_reduce=o.overlap_grad_reduce,
+        use_distributed_optimizer=o.use_distributed_optimizer,
+        grad_reduce_in_fp32=t.accumulate_allreduce_grads_in_fp32 or t.bf16,
+    )
+
+
+def optimizer_config(run: RunConfig) -> OptimizerConfig:
+    """AdamW from the optimizer, scheduler and training sections (the scheduler sets lr every step)."""
+    o, s = run.optimizer, run.scheduler
+    return OptimizerConfig(
+        lr=0.0 if s.lr is None else float(s.lr),
+        min_lr=float(s.min_lr),
+        weight_decay=float(o.weight_decay),
+        adam_beta1=float(o.adam_beta1),
+        adam_beta2=float(o.adam_beta2),
+        adam_eps=float(o.adam_eps),
+        clip_grad=float(o.clip_grad),
+        bf16=run.training.bf16,
+        use_distributed_optimizer=o.use_distributed_optimizer,
+        log_num_zeros_in_grad=run.logging.log_num_zeros_in_grad,
+    )
+
+
+def build_training_stage(run: RunConfig, state: ParallelState, device: Device, local_rank: int = 0) -> ModelStage:
+    """`build_model_stage` for this rank of `run`, wrapped in DDP, with its (distributed) optimizer."""
+    if not run.vocab_size_final:
+        raise ValueError("call run.with_tokenizer_vocab(tokenizer.vocab_size) before building the model")
+    layer_range = run.stage_layer_ranges[state.rank_in("pp")]
+    model = build_model_stage(
+        run.model, state, device, layer_range=layer_range, dispatcher=run.distributed.moe_token_dispatcher_type,
+        recompute=run.training.recompute, seed=run.training.seed, local_rank=local_rank,
+    )
+    ddp = DistributedDataParallel(model, ddp_config(run), state)
+    optimizer = build_optimizer([ddp], optimizer_config(run), state)
     return ModelStage(model=model, ddp=ddp, optimizer=optimizer, layer_range=layer_range)
 
 

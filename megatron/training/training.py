@@ -1,10 +1,10 @@
 """Megatron-style pre-training entry point: `pretrain(argv)` runs a whole job.
 
-One iteration (the call sequence of tests/unit/parallel/layout_harness.py):
-zero_grad -> forward_backward over this rank's micro-batches (aux-loss scale 1/num_microbatches)
--> mark_step -> finalize_model_grads -> set lr -> optimizer.step -> update_expert_bias (loads
-summed over the stage's TP x DP ranks) -> mark_step -> scheduler step. Logging, evaluation,
-checkpointing, exit conditions and profiling live around that step.
+One iteration (`train_step`): zero_grad -> forward_backward over this rank's micro-batches
+(aux-loss scale 1/num_microbatches) -> mark_step -> finalize_model_grads -> set lr ->
+optimizer.step -> update_expert_bias (loads summed over the stage's TP x DP ranks) -> mark_step
+-> scheduler step. Logging, evaluation, checkpointing, exit conditions and profiling live around
+that step. The parallel-layout tests run this module's `pretrain` on every layout.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import time
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -22,9 +21,8 @@ import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.parallel_state import ParallelState
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.load_balancing import set_aux_loss_scale, stage_load_all_reduce, update_expert_bias
 from megatron.training.arguments import parse_args
-from megatron.training.config import RunConfig
+from megatron.training.config import RunConfig, format_run_config
 from megatron.training.flops import flops_per_token, measured_matmul_peak, peak_flops
 from megatron.training.initialize import (
     destroy_distributed,
@@ -34,7 +32,7 @@ from megatron.training.initialize import (
     set_random_seeds,
 )
 from megatron.training.lr_scheduler import OptimizerParamScheduler
-from megatron.training.model_builder import ModelStage, build_model_stage, count_parameters
+from megatron.training.model_builder import ModelStage, build_training_stage, count_parameters
 from megatron.training.training_data import build_data_iterators, build_datasets, build_tokenizer_for_run
 from megatron.training.training_log import TrainingLogger, moe_scalars
 
@@ -84,7 +82,6 @@ class _Run:
         self.scheduler, self.iterators, self.logger = scheduler, iterators, logger
         self.iteration, self.consumed, self.forward_step, self.rank = iteration, consumed, forward_step, rank
         self.schedule = get_forward_backward_func(run.parallel.pipeline_model_parallel_size)
-        self.load_reduce = stage_load_all_reduce(state)
         self.sigterm = False
         self.start_time = time.time()
         self.loss_history: List[Dict[str, Any]] = []  # one entry per iteration run by this process
@@ -105,7 +102,7 @@ class _Run:
             num_microbatches=self.run.num_microbatches, tensor_shape=self.tensor_shape(),
             dtype=next(self.model.parameters()).dtype, parallel_state=self.state, forward_only=forward_only,
             device=self.device, grad_sync_context=None if forward_only else self.stage.ddp.no_sync,
-            aux_loss_scale_func=None if forward_only else partial(set_aux_loss_scale, self.model),
+            aux_loss_scale_func=None if forward_only else self.model.set_moe_aux_loss_scale,
         )
 
     def reduce_losses(self, reported: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
@@ -137,7 +134,7 @@ def train_step(r: _Run) -> Tuple[Dict[str, float], bool, Optional[float], Option
     ok, grad_norm, num_zeros = opt.step()
     losses = r.reduce_losses(reported)
     if ok:
-        update_expert_bias(r.model, all_reduce=r.load_reduce)
+        r.model.update_expert_bias()
     r.device.mark_step()
     return losses, ok, grad_norm, num_zeros
 
@@ -194,9 +191,7 @@ def _load(run: RunConfig, state: ParallelState, stage: ModelStage, scheduler: Op
         load_rng=not c.no_load_rng, finetune=c.finetune,
     )
     if loaded is None:
-        if c.exit_on_missing_checkpoint:
-            raise ValueError(f"--exit-on-missing-checkpoint: no checkpoint in {c.load}")
-        print_rank_0(f"no checkpoint found in {c.load}: training from scratch")
+        _missing_checkpoint(run)
         return 0, {"train": 0, "valid": 0, "test": 0}
     if c.finetune:
         return 0, {"train": 0, "valid": 0, "test": 0}
@@ -217,11 +212,22 @@ def _with_checkpoint_args(run: RunConfig) -> RunConfig:
 
     saved = _checkpointing().checkpoint_args(c.load, run)
     if saved is None:
-        if c.exit_on_missing_checkpoint:
-            raise ValueError(f"--use-checkpoint-args: no checkpoint with arguments in {c.load}")
+        _missing_checkpoint(run)
         print_rank_0(f"--use-checkpoint-args: no checkpoint arguments in {c.load}; using the command line")
         return run
     return apply_checkpoint_args(run, saved)
+
+
+def _missing_checkpoint(run: RunConfig) -> None:
+    """--load holds no checkpoint: an error, unless the run restarts from its own --save directory
+    (nothing there yet on the first start) or --allow-no-checkpoint asks to start fresh."""
+    c = run.checkpoint
+    if c.exit_on_missing_checkpoint or not (c.allow_no_checkpoint or c.resumes_own_saves):
+        raise ValueError(
+            f"--load {c.load}: no checkpoint there (no latest_checkpointed_iteration.txt and no iter_* directory); "
+            "check the path, or pass --allow-no-checkpoint to train from scratch"
+        )
+    print_rank_0(f"no checkpoint found in {c.load}: training from scratch")
 
 
 # ---- setup / loop --------------------------------------------------------------------------------
@@ -234,10 +240,9 @@ def setup(run: RunConfig, rank: int, local_rank: int, forward_step: ForwardStep)
     device = resolve_device(run.device.device, run.device.lazy_mode)
     state = ParallelState.build(run.parallel)
     set_random_seeds(run.training.seed, state.rank_in("pp"), device)
-    for note in run.notes:
-        print_rank_0(f"note: {note}")
     tokenizer, run = build_tokenizer_for_run(run)
-    stage = build_model_stage(run, state, device, local_rank)
+    print_rank_0(format_run_config(run))
+    stage = build_training_stage(run, state, device, local_rank)
     scheduler = OptimizerParamScheduler.from_run_config(stage.optimizer, run)
     iteration, consumed = _load(run, state, stage, scheduler)
     iterators = build_data_iterators(run, state, build_datasets(run, tokenizer), consumed)
@@ -348,8 +353,13 @@ def train(r: _Run) -> str:
 
 
 def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[ForwardStep] = None) -> Dict[str, Any]:
-    """Parse flags, initialise, train, evaluate; returns a summary (iteration, exit reason, log history)."""
-    _, env_world, _ = launcher_env()
+    """Parse flags, initialise, train, evaluate; returns a summary (iteration, exit reason, log history).
+
+    Run under torchrun / mpirun (the launcher's variables say the world), or inside a process
+    group that already exists (tests): then that group is used and left for its owner to destroy.
+    """
+    owns_group = not dist.is_initialized()
+    env_world = launcher_env()[1] if owns_group else dist.get_world_size()
     run = parse_args(argv, env_world)
     run = _with_checkpoint_args(run)
     rank, world, local_rank = initialize_distributed(
@@ -379,4 +389,5 @@ def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[Forwa
             signal.signal(signal.SIGTERM, previous)
         if r is not None:
             r.logger.close()
-        destroy_distributed()
+        if owns_group:
+            destroy_distributed()

@@ -11,17 +11,53 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 from megatron.core.datasets.data_samplers import PretrainingSampler, build_data_loader
 from megatron.core.datasets.dataset_builder import build_train_valid_test_datasets
+from megatron.core.datasets.dataset_config import GPTDatasetConfig, parse_data_path
 from megatron.core.parallel_state import ParallelState
-from megatron.training import config_adapters as adapters
-from megatron.training.config import RunConfig
+from megatron.training.config import DEFAULT_SPLIT, RunConfig
 
 
 def build_tokenizer_for_run(run: RunConfig) -> Tuple[Any, RunConfig]:
-    """The run's tokenizer, and `run` with the model's vocabulary padded to it."""
+    """The run's tokenizer, and `run` with the model's vocabulary set to the tokenizer's."""
     from megatron.training.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(run.tokenizer)
-    return tokenizer, adapters.finalize_vocab_size(run, tokenizer.vocab_size)
+    return tokenizer, run.with_tokenizer_vocab(tokenizer.vocab_size)
+
+
+def gpt_dataset_configs(run: RunConfig, eod_token_id: Optional[int], vocab_size: Optional[int]) -> Dict[str, Any]:
+    """{"train" | "valid" | "test": GPTDatasetConfig or None} for the dataset builder.
+
+    --data-path (or --mock-data): one config shared by the three splits, cut by --split.
+    --train/valid/test-data-path: one config per split whose whole corpus goes to that split
+    (split "1,0,0" / "0,1,0" / "0,0,1"); a missing one gives None.
+    """
+    d = run.data
+    common = dict(
+        random_seed=run.training.seed,
+        sequence_length=d.seq_length,
+        path_to_cache=d.data_cache_path,
+        reset_position_ids=d.reset_position_ids,
+        reset_attention_mask=d.reset_attention_mask,
+        eod_mask_loss=d.eod_mask_loss,
+        eod_token_id=eod_token_id,
+        vocab_size=vocab_size,
+    )
+    if d.mock_data or d.data_path:
+        config = GPTDatasetConfig(
+            blend=None if d.mock_data else parse_data_path(list(d.data_path)),
+            split=d.split or DEFAULT_SPLIT,
+            mock=d.mock_data,
+            **common,
+        )
+        return {"train": config, "valid": config, "test": config}
+    out: Dict[str, Any] = {}
+    for name, paths, split in (
+        ("train", d.train_data_path, "1,0,0"),
+        ("valid", d.valid_data_path, "0,1,0"),
+        ("test", d.test_data_path, "0,0,1"),
+    ):
+        out[name] = GPTDatasetConfig(blend=parse_data_path(list(paths)), split=split, **common) if paths else None
+    return out
 
 
 def split_sample_counts(run: RunConfig) -> Tuple[int, int, int]:
@@ -34,7 +70,7 @@ def split_sample_counts(run: RunConfig) -> Tuple[int, int, int]:
 
 def build_datasets(run: RunConfig, tokenizer: Any) -> Dict[str, Any]:
     """{"train", "valid", "test": dataset or None}."""
-    configs = adapters.gpt_dataset_configs(run, tokenizer.eod, tokenizer.vocab_size)
+    configs = gpt_dataset_configs(run, tokenizer.eod, tokenizer.vocab_size)
     counts = dict(zip(("train", "valid", "test"), split_sample_counts(run)))
     if configs["train"] is not None and configs["train"] is configs["valid"] is configs["test"]:
         train, valid, test = build_train_valid_test_datasets(configs["train"], list(counts.values()))

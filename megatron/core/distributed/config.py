@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -34,19 +34,3 @@ class DDPConfig:
     def __post_init__(self) -> None:
         if self.bucket_size_mb is not None and not self.bucket_size_mb > 0:
             raise ValueError(f"bucket_size_mb must be > 0 (or None for one bucket), got {self.bucket_size_mb}")
-
-    @classmethod
-    def from_run_config(cls, run: Any, **overrides: Any) -> "DDPConfig":
-        """Build from a training `RunConfig` (duck-typed: core does not import the training package).
-
-        Reads run.optimizer.{use_distributed_optimizer, overlap_grad_reduce} and
-        run.training.accumulate_allreduce_grads_in_fp32 (forced on with bf16, as Megatron does).
-        """
-        opt, training = run.optimizer, run.training
-        values = dict(
-            overlap_grad_reduce=bool(opt.overlap_grad_reduce),
-            use_distributed_optimizer=bool(opt.use_distributed_optimizer),
-            grad_reduce_in_fp32=bool(training.accumulate_allreduce_grads_in_fp32 or training.bf16),
-        )
-        values.update(overrides)
-        return cls(**values)

@@ -1,14 +1,11 @@
 """Optimizer configuration for `build_optimizer` (AdamW, clipping, precision, ZeRO-1 sharding).
 
-The training package's `RunConfig` splits these values over its optimizer, scheduler and training
-sections; `OptimizerConfig.from_run_config` gathers them (duck-typed, so megatron.core does not
-import megatron.training).
+The training package builds it from its run configuration (megatron/training/model_builder.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -52,23 +49,3 @@ class OptimizerConfig:
             raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
         if not self.clip_grad >= 0:
             raise ValueError(f"clip_grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
-
-    @classmethod
-    def from_run_config(cls, run: Any, **overrides: Any) -> "OptimizerConfig":
-        """Gather the fields from a training `RunConfig` (run.optimizer, run.scheduler, run.training)."""
-        opt, sched, training = run.optimizer, run.scheduler, run.training
-        if getattr(opt, "optimizer", "adam") not in ("adam", "adamw", "fusedadamw"):
-            raise ValueError(f"unsupported optimizer {opt.optimizer!r}; only AdamW ('adam') is implemented")
-        values = dict(
-            lr=0.0 if sched.lr is None else float(sched.lr),
-            min_lr=float(sched.min_lr),
-            weight_decay=float(opt.weight_decay),
-            adam_beta1=float(opt.adam_beta1),
-            adam_beta2=float(opt.adam_beta2),
-            adam_eps=float(opt.adam_eps),
-            clip_grad=float(opt.clip_grad),
-            bf16=bool(training.bf16),
-            use_distributed_optimizer=bool(opt.use_distributed_optimizer),
-        )
-        values.update(overrides)
-        return cls(**values)

@@ -10,7 +10,6 @@ from megatron.core.tensor_parallel.layers import (
     VocabParallelEmbedding,
     allreduce_sequence_parallel_grads,
     normal_init,
-    scaled_normal_init,
     shard_tensor,
 )
 from megatron.core.tensor_parallel.mappings import (
@@ -38,7 +37,6 @@ __all__ = [
     "VocabParallelEmbedding",
     "allreduce_sequence_parallel_grads",
     "normal_init",
-    "scaled_normal_init",
     "shard_tensor",
     "vocab_parallel_cross_entropy",
     "all_gather_along_dim",

@@ -11,12 +11,11 @@ Sequence parallelism (SP): activations outside the TP GEMMs are split along the 
 (sequence-first). A column-parallel layer all-gathers its input along the sequence; a row-parallel
 layer (and the embedding) reduce-scatters its output along the sequence instead of all-reducing.
 
-Reproducible initialisation (Megatron's `--use-cpu-initialization` idea): by default a layer builds
-the FULL fp32 weight on the CPU, fills it with `init_method` drawing from `generator` (or the global
-CPU generator), and keeps only its shard. With the same seed, a TP=1 and a TP=2 model therefore hold
-the same full weights. Every rank of the TP group must draw the same full weight: seed `generator` (or
-the global CPU RNG) identically on them. `full_init=False` instead fills the shard directly on
-`device` (no full copy in memory, but values depend on the TP size).
+Initialisation: a layer used on its own fills its shard from the FULL fp32 weight built on the CPU
+with `init_method` (drawing from `generator`, or the global CPU generator), so TP=1 and TP=2 hold the
+same full weights for the same seed; `full_init=False` fills the shard directly. `init_method=None`
+leaves the weight uninitialised for the caller: the DeepSeek model does that and initialises every
+parameter in one place (`megatron.core.models.deepseek.init`).
 
 Parameter attributes read by gradient / checkpoint code:
 - ``tensor_model_parallel = True`` and ``partition_dim`` on sharded parameters (their grad-norm
@@ -28,7 +27,6 @@ Parameter attributes read by gradient / checkpoint code:
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -61,9 +59,7 @@ def normal_init(std: float = 0.02) -> InitMethod:
     return init
 
 
-def scaled_normal_init(std: float, num_layers: int) -> InitMethod:
-    """N(0, (std / sqrt(2 * num_layers))^2): Megatron's init for output projections of residual blocks."""
-    return normal_init(std / math.sqrt(2.0 * num_layers))
+DEFAULT_INIT = normal_init()
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -93,13 +89,16 @@ def _init_weight(
     full_shape: tuple,
     dim: int,
     group: Group,
-    init_method: InitMethod,
+    init_method: Optional[InitMethod],
     generator: Optional[torch.Generator],
     full_init: bool,
     dtype: Optional[torch.dtype],
     device: Optional[torch.device],
 ) -> nn.Parameter:
-    """A weight shard, initialised from the full weight (default) or directly (see module doc)."""
+    """A weight shard, initialised from the full weight (default), directly, or not at all
+    (`init_method` None; see module doc)."""
+    if init_method is None:
+        return nn.Parameter(torch.empty(shard_shape, dtype=dtype, device=device))
     if full_init:
         full = torch.empty(full_shape, dtype=torch.float32, device="cpu")
         init_method(full, generator)
@@ -135,7 +134,7 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         sequence_parallel: bool = False,
         sequence_dim: int = 0,
-        init_method: Optional[InitMethod] = None,
+        init_method: Optional[InitMethod] = DEFAULT_INIT,
         generator: Optional[torch.Generator] = None,
         full_init: bool = True,
         dtype: Optional[torch.dtype] = None,
@@ -151,7 +150,7 @@ class ColumnParallelLinear(nn.Module):
         self.output_size_per_partition = divide(output_size, tp, "ColumnParallelLinear output_size")
         self.weight = _init_weight(
             (self.output_size_per_partition, input_size), (output_size, input_size), 0, group,
-            init_method or normal_init(), generator, full_init, dtype, device,
+            init_method, generator, full_init, dtype, device,
         )
         _mark_sharded(self.weight, 0)
         if bias:
@@ -200,7 +199,7 @@ class RowParallelLinear(nn.Module):
         input_is_parallel: bool = True,
         sequence_parallel: bool = False,
         sequence_dim: int = 0,
-        init_method: Optional[InitMethod] = None,
+        init_method: Optional[InitMethod] = DEFAULT_INIT,
         generator: Optional[torch.Generator] = None,
         full_init: bool = True,
         dtype: Optional[torch.dtype] = None,
@@ -216,7 +215,7 @@ class RowParallelLinear(nn.Module):
         self.input_size_per_partition = divide(input_size, tp, "RowParallelLinear input_size")
         self.weight = _init_weight(
             (output_size, self.input_size_per_partition), (output_size, input_size), 1, group,
-            init_method or normal_init(), generator, full_init, dtype, device,
+            init_method, generator, full_init, dtype, device,
         )
         _mark_sharded(self.weight, 1)
         if bias:
@@ -265,7 +264,7 @@ class VocabParallelEmbedding(nn.Module):
         group: Group = None,
         sequence_parallel: bool = False,
         sequence_dim: int = 0,
-        init_method: Optional[InitMethod] = None,
+        init_method: Optional[InitMethod] = DEFAULT_INIT,
         generator: Optional[torch.Generator] = None,
         full_init: bool = True,
         dtype: Optional[torch.dtype] = None,
@@ -281,7 +280,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
         self.weight = _init_weight(
             (self.num_embeddings_per_partition, embedding_dim), (num_embeddings, embedding_dim), 0, group,
-            init_method or normal_init(), generator, full_init, dtype, device,
+            init_method, generator, full_init, dtype, device,
         )
         _mark_sharded(self.weight, 0)
 

@@ -3,7 +3,7 @@
 Keys and values are compressed into a `kv_lora_rank` latent plus one rope key shared by all heads;
 queries optionally pass through a `q_lora_rank` bottleneck. For training the latent is expanded
 back to per-head keys/values (no absorbed-weight inference trick), following
-shared/reference/hf-deepseek.md step by step so HF checkpoints load with the same parameter names:
+Hugging Face's DeepseekV3Attention step by step so HF checkpoints load with the same parameter names:
 
   q   = q_proj(h)  or  q_b_proj(q_a_layernorm(q_a_proj(h)))          -> per head [nope | rope]
   kv_a_proj_with_mqa(h)                                               -> [latent | k_rope]
@@ -87,15 +87,15 @@ class MultiLatentAttention(nn.Module):
     # ---- linear construction: the one place tensor parallelism swaps in its layers ----------------
     def _replicated_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         """Down-projections into the small latents (q_a_proj, kv_a_proj_with_mqa): full copy per TP rank."""
-        return NO_TENSOR_PARALLEL.column_linear(in_features, out_features, bias, self.config.init_method_std, False)
+        return NO_TENSOR_PARALLEL.column_linear(in_features, out_features, bias, gather_sequence=False)
 
     def _column_parallel_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         """Head-producing projections (q_proj / q_b_proj, kv_b_proj): output rows split by head under TP."""
-        return self.tp.column_linear(in_features, out_features, bias, self.config.init_method_std, gather_sequence=False)
+        return self.tp.column_linear(in_features, out_features, bias, gather_sequence=False)
 
     def _row_parallel_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         """o_proj: input columns split by head under TP, partial outputs summed (reduce-scattered under SP)."""
-        return self.tp.row_linear(in_features, out_features, bias, self.config.init_method_std)
+        return self.tp.row_linear(in_features, out_features, bias)
 
     # ---- forward ---------------------------------------------------------------------------------
     def _query(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ class MultiLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """hidden [b, s, H]; position_ids [b, s] or None (0..s-1); rotary_pos_emb precomputed (cos, sin)."""
         rope_cfg = self.config.rope
-        if self.tp.enabled and self.tp.sequence_parallel:
+        if self.tp.sequence_split:
             # [b, s/tp, H] -> [b, s, H]. Every consumer below yields full (TP-summed) input grads,
             # so backward only keeps this rank's chunk.
             hidden = gather_from_sequence_parallel_region(

@@ -27,12 +27,11 @@ class SwiGLUMLP(nn.Module):
         ffn_hidden_size: int,
         bias: bool = False,
         tp: TensorParallelContext = NO_TENSOR_PARALLEL,
-        init_method_std: float = 0.02,
     ) -> None:
         super().__init__()
         self.ffn_hidden_size = ffn_hidden_size
-        self.gate_up_proj = tp.column_linear(hidden_size, 2 * ffn_hidden_size, bias, init_method_std, gather_sequence=True)
-        self.down_proj = tp.row_linear(ffn_hidden_size, hidden_size, bias, init_method_std)
+        self.gate_up_proj = tp.column_linear(hidden_size, 2 * ffn_hidden_size, bias, gather_sequence=True)
+        self.down_proj = tp.row_linear(ffn_hidden_size, hidden_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

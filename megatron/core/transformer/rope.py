@@ -114,7 +114,6 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, rope: RopeConfig) -> None:
         super().__init__()
-        rope.validate()
         self.dim = dim
         self.rope = rope
         self.attention_factor = rope_attention_factor(rope)

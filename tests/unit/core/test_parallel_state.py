@@ -60,8 +60,9 @@ def test_impossible_layouts_fail_with_flag_names():
     with pytest.raises(ValueError, match="expert-tensor-parallel-size must be 1 or"):
         grid(8, tp=4, etp=2)
     assert grid(4, tp=2).etp == 1  # default: whole experts per expert rank
-    with pytest.raises(ValueError, match="--sequence-parallel"):
-        RankGrid.from_config(ParallelConfig(sequence_parallel=True), 2)
+    # --sequence-parallel with one TP rank has nothing to split: accepted, no effect (the flag
+    # parser turns it off with a note, as Megatron does).
+    assert RankGrid.from_config(ParallelConfig(sequence_parallel=True), 2).tp == 1
     with pytest.raises(ValueError, match=">= 1"):
         grid(2, tp=0)
     g = grid(8, tp=2, ep=2)

@@ -11,11 +11,12 @@ from typing import List
 
 import pytest
 
-from megatron.core.models.deepseek.presets import PRESETS
-from megatron.training import config_adapters as adapters
+from megatron.core.models.deepseek.presets import PRESET_ALIASES, PRESETS
+from megatron.core.pipeline_parallel import stage_layer_ranges
 from megatron.training.arguments import COMPAT_FLAGS, ArgumentsError, apply_checkpoint_args, build_parser, parse_args
 from megatron.training.arguments_parser import moe_layer_freq_type
-from megatron.training.config import from_flat_dict, pipeline_stage_layers, to_flat_dict
+from megatron.training.config import from_flat_dict, to_flat_dict
+from megatron.training.training_data import gpt_dataset_configs
 
 TINY = ["--model-preset", "tiny", "--seq-length", "128", "--micro-batch-size", "1", "--train-iters", "10",
         "--lr", "1e-3", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000"]
@@ -82,15 +83,16 @@ def test_gaudi_example_command_parses_to_deepseek_v3(tmp_path):
     t = run.training
     assert (t.micro_batch_size, t.global_batch_size, run.num_microbatches) == (1, 3072, 1536)
     assert (t.train_iters, t.exit_interval, t.eval_interval, t.eval_iters) == (500000, None, 1000, 10)
-    assert (t.recompute_granularity, t.recompute_method, t.recompute_num_layers) == ("full", "uniform", 1)
-    assert t.kill_switch_file == f"{tmp_path}/kill" and t.bf16 and t.attention_dropout == 0.0
+    assert (t.recompute.granularity, t.recompute.method, t.recompute.num_layers) == ("full", "uniform", 1)
+    assert t.kill_switch_file == f"{tmp_path}/kill" and t.bf16
     s, o = run.scheduler, run.optimizer
     assert (s.lr, s.min_lr, s.lr_decay_style, s.lr_warmup_iters, s.lr_decay_iters) == (2.2e-4, 2.2e-5, "cosine", 2000, 320000)
     assert (o.optimizer, o.adam_beta1, o.adam_beta2, o.adam_eps, o.weight_decay, o.clip_grad) == ("fusedadamw", 0.9, 0.95, 1e-8, 0.1, 1.0)
     assert o.use_distributed_optimizer and o.overlap_grad_reduce
     c = run.checkpoint
     assert (c.save, c.load, c.save_interval, c.ckpt_format) == (f"{tmp_path}/ckpt", f"{tmp_path}/ckpt", 2000, "torch_dist")
-    assert c.use_checkpoint_args and c.verify_checkpoint and c.save_distrib_optimizer_method == "parallel_multi_node"
+    assert c.use_checkpoint_args and c.verify_checkpoint
+    assert any(n.startswith("--save-distrib-optimizer-method has no effect here") for n in run.notes)
     lg = run.logging
     assert (lg.log_interval, lg.profile_type, lg.profile_step_start, lg.profile_step_end) == (10, "pt", 3, 4)
     assert lg.log_throughput and lg.log_timers_to_tensorboard and lg.log_validation_ppl_to_tensorboard
@@ -122,11 +124,12 @@ def test_gaudi_token_drop_needs_alltoall(tmp_path):
 def test_presets_map_back_to_themselves(name):
     run = parse_args(["--model-preset", name] + TINY[2:], world_size=1)
     preset = PRESETS[name]
-    assert run.model == dataclasses.replace(preset, kernels=run.model.kernels, vocab_size=run.model.vocab_size)
+    assert run.model == dataclasses.replace(preset, kernels=run.model.kernels, vocab_size=run.model.vocab_size,
+                                            make_vocab_size_divisible_by=run.model.make_vocab_size_divisible_by)
 
 
 def test_preset_aliases():
-    for alias, name in adapters.PRESET_ALIASES.items():
+    for alias, name in PRESET_ALIASES.items():
         assert parse_args(["--model-preset", alias] + TINY[2:], world_size=1).model.moe == PRESETS[name].moe
 
 
@@ -152,8 +155,8 @@ def err(argv: List[str], world_size: int = 1, exc=ValueError) -> str:
     ("--tensor-model-parallel-size 3", 3, r"--num-attention-heads \(8\) must be divisible by --tensor-model-parallel-size \(3\)"),
     ("--pipeline-model-parallel-size 3", 3, r"--num-layers \(4\) is not divisible by --pipeline-model-parallel-size"),
     ("--num-layers 10 --pipeline-model-parallel-size 4 --decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 2",
-     4, "does not split evenly"),
-    ("--decoder-first-pipeline-num-layers 2", 1, "need --pipeline-model-parallel-size > 1"),
+     4, "not divisible by the 2 other stage"),
+    ("--decoder-first-pipeline-num-layers 2", 1, "needs --pipeline-model-parallel-size > 1"),
     ("--micro-batch-size 2 --global-batch-size 6", 2, r"--global-batch-size \(6\) must be a positive multiple"),
     ("--moe-expert-capacity-factor 1.0", 1, "capacity is applied where the alltoall dispatcher"),
     ("--moe-pad-expert-input-to-capacity --moe-token-dispatcher-type alltoall", 1, "needs --moe-expert-capacity-factor"),
@@ -177,7 +180,11 @@ def err(argv: List[str], world_size: int = 1, exc=ValueError) -> str:
     ("--moe-router-score-function softmax --moe-router-enable-expert-bias=0", 1, "ignored explicit argument"),
     ("--moe-router-score-function softmax", 1, "needs --moe-router-pre-softmax"),
     ("--moe-router-score-function softmax --moe-router-pre-softmax --moe-router-enable-expert-bias", 1, "needs --moe-router-score-function sigmoid"),
-    ("--moe-router-num-groups 4 --moe-router-group-topk 8", 1, "group_topk .*--moe-router-group-topk"),
+    ("--moe-router-num-groups 4 --moe-router-group-topk 8", 1, r"--moe-router-group-topk \(8\) must be in \[1, --moe-router-num-groups = 4\]"),
+    ("--recompute-granularity selective --recompute-modules mlp", 1, "argument --recompute-modules: invalid choice: 'mlp'"),
+    ("--tensor-model-parallel-size 2", 2, "MoE layers with --tensor-model-parallel-size > 1 need --sequence-parallel"),
+    ("--override-explicit-args-from-checkpoint", 1, "applies to --use-checkpoint-args"),
+    ("--allow-no-checkpoint", 1, "--allow-no-checkpoint needs --load"),
     ("--moe-router-num-groups 4 --moe-router-group-topk", 1, "expected one argument"),
     ("--moe-layer-freq [1,0,1,1]", 1, "--moe-layer-freq pattern has 4 entries but --num-layers is 4|must be k dense"),
     ("--moe-layer-freq ([0]*2+[1]*3)", 1, "pattern has 5 entries but --num-layers is 4"),
@@ -266,9 +273,9 @@ def test_resolution_rules():
     assert (run.training.train_iters, run.scheduler.lr_warmup_iters, run.scheduler.lr_decay_iters) == (25, 2, 20)
     run = parse_args(TINY + ["--lr-warmup-fraction", "0.2", "--exit-interval", "5", "--moe-layer-recompute"], world_size=1)
     assert run.scheduler.lr_warmup_iters == 2 and run.training.exit_interval == 5
-    assert (run.training.recompute_granularity, run.training.recompute_modules) == ("selective", ("moe",))
+    assert (run.training.recompute.granularity, run.training.recompute.modules) == ("selective", ("moe",))
     run = parse_args(TINY + "--recompute-granularity selective --recompute-modules moe".split(), world_size=1)
-    assert (run.training.recompute_granularity, run.training.recompute_modules) == ("selective", ("moe",))
+    assert (run.training.recompute.granularity, run.training.recompute.modules) == ("selective", ("moe",))
     # HL_CKP_ACT=1 together with HL_MOE_LAYER_RECOMPUTE=1: the later --recompute-granularity wins, as in argparse
     clash = "--recompute-granularity=full --recompute-method uniform --recompute-num-layers 1 --recompute-granularity selective"
     assert "full only" in err(TINY + clash.split() + ["--recompute-modules", "moe"])
@@ -317,25 +324,60 @@ def test_apply_checkpoint_args_takes_shapes_from_the_checkpoint(tmp_path):
     merged = apply_checkpoint_args(run, saved)
     assert merged.model.hidden_size == 128 and merged.model.moe.aux_loss_coeff == 0.01 and merged.vocab_size_final
     assert any(n.startswith("model.hidden_size: 256 -> 128") for n in merged.notes)
+    # Explicit flags that disagree with the checkpoint are an error naming each difference ...
+    explicit = TINY + "--hidden-size 64 --num-layers 6 --load x --use-checkpoint-args".split()
+    message = str(pytest.raises(ValueError, apply_checkpoint_args, parse_args(explicit, world_size=1), saved).value)
+    assert "--hidden-size 64 (checkpoint: 128)" in message and "--num-layers 6 (checkpoint: 4)" in message
+    assert "--override-explicit-args-from-checkpoint" in message and "\n" not in message
+    # ... unless the user lets the checkpoint win (each difference is then a note).
+    won = apply_checkpoint_args(parse_args(explicit + ["--override-explicit-args-from-checkpoint"], world_size=1), saved)
+    assert won.model.hidden_size == 128 and any(n.startswith("model.num_layers: 6 -> 4") for n in won.notes)
     bad = {**saved, "model.moe.num_experts": 6, "model.moe.num_groups": 1, "model.moe.group_topk": 1}
     run2 = parse_args(TINY + ["--expert-model-parallel-size", "4", "--load", str(tmp_path)], world_size=4)
     with pytest.raises(ValueError, match=r"--num-experts \(6\) must be divisible by --expert-model-parallel-size \(4\)"):
         apply_checkpoint_args(run2, bad)
 
 
-def test_vocab_and_dataset_adapters():
-    run = parse_args(TINY + ["--tensor-model-parallel-size", "2"], world_size=2)
-    final = adapters.finalize_vocab_size(run, 1001)  # NullTokenizer(1000): 1000 ids + eod
-    assert final.model.vocab_size == 1024 and final.vocab_size_final  # padded to a multiple of 128 x TP = 256
-    with pytest.raises(ValueError, match="pads to 1536"):
-        adapters.finalize_vocab_size(final, 1300)
-    configs = adapters.gpt_dataset_configs(run, eod_token_id=1000, vocab_size=1001)
+def test_vocab_and_dataset_configs():
+    run = parse_args(TINY + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], world_size=2)
+    final = run.with_tokenizer_vocab(1001)  # NullTokenizer(1000): 1000 ids + eod
+    assert final.model.vocab_size == 1001 and final.vocab_size_final
+    assert final.model.padded_vocab_size(2) == 1024  # the model pads to a multiple of 128 x TP = 256
+    with pytest.raises(ValueError, match="the tokenizer has 1300 ids but the checkpoint's model has 1001"):
+        final.with_tokenizer_vocab(1300)
+    configs = gpt_dataset_configs(run, eod_token_id=1000, vocab_size=1001)
     assert configs["train"] is configs["valid"] and configs["train"].mock and configs["train"].sequence_length == 128
 
 
-def test_pipeline_stage_layers():
-    assert pipeline_stage_layers(61, 4, first=16) == (16, 15, 15, 15)
-    assert pipeline_stage_layers(61, 2, last=31) == (30, 31)
-    assert pipeline_stage_layers(8, 2) == (4, 4)
-    with pytest.raises(ValueError, match="does not split evenly"):
-        pipeline_stage_layers(61, 2, first=30, last=30)
+def test_stage_layer_ranges_and_map():
+    assert stage_layer_ranges(61, 4, 16) == [(0, 16), (16, 31), (31, 46), (46, 61)]
+    assert stage_layer_ranges(61, 2, None, 31) == [(0, 30), (30, 61)]
+    with pytest.raises(ValueError, match="with no stage to hold them"):
+        stage_layer_ranges(61, 2, 30, 30)
+    run = parse_args(TINY + "--pipeline-model-parallel-size 2 --decoder-first-pipeline-num-layers 1".split(), world_size=2)
+    assert run.stage_layers == (1, 3)
+    assert run.stage_map().splitlines() == [
+        "stage 0: embedding + layers 0 (1: dense 0)",
+        "stage 1: layers 1-3 (3: MoE 1-3) + output head + MTP (1 layer)",
+    ]
+
+
+def test_compat_flags_say_they_have_no_effect():
+    notes = parse_args(TINY + ["--no-rope-fusion", "--use-flash-attn"], world_size=1).notes
+    assert "--no-rope-fusion has no effect here: no such fusion here" in notes
+    assert any(n.startswith("--use-flash-attn has no effect here") for n in notes)
+    assert not any("--no-masked-softmax-fusion" in n for n in notes)  # only the flags given
+
+
+def test_core_configs_from_a_run():
+    """The training adapters fill core's DDP and optimizer configs from the run's sections."""
+    from megatron.training.model_builder import ddp_config, optimizer_config
+
+    argv = TINY + "--weight-decay 0.05 --clip-grad 2.0 --adam-beta2 0.95 --use-distributed-optimizer --overlap-grad-reduce --bf16 --min-lr 1e-4 --log-num-zeros-in-grad".split()
+    run = parse_args(argv, world_size=1)
+    opt = optimizer_config(run)
+    assert (opt.lr, opt.min_lr, opt.weight_decay, opt.clip_grad, opt.adam_beta2) == (1e-3, 1e-4, 0.05, 2.0, 0.95)
+    assert opt.bf16 and opt.use_distributed_optimizer and opt.log_num_zeros_in_grad
+    ddp = ddp_config(run)
+    assert ddp.use_distributed_optimizer and ddp.overlap_grad_reduce and ddp.grad_reduce_in_fp32  # fp32 reduction with bf16
+    assert not ddp_config(parse_args(TINY, world_size=1)).grad_reduce_in_fp32

@@ -11,11 +11,16 @@ Parameter names (what checkpoints and the HF converter use):
     output_layer.weight                                [V, H]
     mtp.{d}.enorm / hnorm / eh_proj [H, 2H] / layer.* / final_layernorm   (depth d = 0..D-1)
 
-Parallelism (issue 4) is applied here and nowhere else in the model math: a
-`TensorParallelContext` splits MLA heads, dense MLPs, the vocabulary of the embedding and output
-head (vocab-parallel cross entropy); sequence parallelism keeps [b, s/tp, H] between blocks; a
-pipeline stage holds `layer_range` and the embedding (`pre_process`) and/or the output head and
-MTP (`post_process`).
+Parallelism is applied here and nowhere else in the model math, from one `ParallelContext`: its
+TP group splits MLA heads, dense MLPs and the vocabulary of the embedding and output head
+(vocab-parallel cross entropy); sequence parallelism keeps [b, s/tp, H] between blocks; its EP
+group splits the routed experts; a pipeline stage holds `layer_range` and the embedding
+(`pre_process`) and/or the output head and MTP (`post_process`).
+
+Vocabulary: the embedding and output head have `config.padded_vocab_size(tp)` rows; logits of the
+padding rows are excluded from the softmax and from the loss, and returned logits hold the
+`config.vocab_size` real columns only. Weights are initialised by
+`megatron.core.models.deepseek.init.initialize_parameters` from `seed` (layout-independent).
 
 Labels follow Megatron's convention: `labels[b, t]` is the token that position t must predict
 (already shifted by the data pipeline), so `model(tokens, labels=labels)` returns per-token losses
@@ -28,18 +33,15 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron.core.config import DeepSeekConfig, RecomputeConfig
-from megatron.core.tensor_parallel import (
-    VocabParallelEmbedding,
-    gather_from_region,
-    normal_init,
-    vocab_parallel_cross_entropy,
-)
-from megatron.core.transformer.parallel_context import NO_TENSOR_PARALLEL, SEQUENCE_DIM, TensorParallelContext
+from megatron.core.models.deepseek.init import initialize_parameters
+from megatron.core.tensor_parallel import VocabParallelEmbedding, gather_from_region, vocab_parallel_cross_entropy
+from megatron.core.transformer.parallel_context import SEQUENCE_DIM, SINGLE_DEVICE, ParallelContext
 from megatron.core.transformer.mla import MultiLatentAttention
 from megatron.core.transformer.mlp import SwiGLUMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -53,10 +55,9 @@ class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). [b, s, H] -> [b, s, H]
     ([b, s/tp, H] under sequence parallelism)."""
 
-    def __init__(
-        self, config: DeepSeekConfig, layer_idx: int, tp: TensorParallelContext = NO_TENSOR_PARALLEL, moe_kwargs: Optional[dict] = None
-    ) -> None:
+    def __init__(self, config: DeepSeekConfig, layer_idx: int, parallel: ParallelContext = SINGLE_DEVICE) -> None:
         super().__init__()
+        tp = parallel.tp
         self.layer_idx = layer_idx
         use_fused = config.kernels.use_fused_rmsnorm
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, use_fused=use_fused)
@@ -64,13 +65,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, use_fused=use_fused)
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
-            self.mlp: nn.Module = MoELayer(config, layer_idx, **(moe_kwargs or {}))
+            self.mlp: nn.Module = MoELayer(config, layer_idx, parallel)
             # The router and shared experts are replicated and see only this rank's tokens under SP.
             tp.mark_sequence_parallel(self.mlp.router.parameters())
             if self.mlp.shared_experts is not None:
                 tp.mark_sequence_parallel(self.mlp.shared_experts.parameters())
         else:
-            self.mlp = SwiGLUMLP(config.hidden_size, config.ffn_hidden_size, tp=tp, init_method_std=config.init_method_std)
+            self.mlp = SwiGLUMLP(config.hidden_size, config.ffn_hidden_size, tp=tp)
         tp.mark_sequence_parallel([self.input_layernorm.weight, self.post_attention_layernorm.weight])
         self.recompute_mlp = False  # selective recompute of the MoE MLP (set by the model)
 
@@ -90,10 +91,9 @@ class MTPDepth(nn.Module):
     after this depth's own final norm (`shared_head.norm` in DeepSeek's checkpoints).
     """
 
-    def __init__(
-        self, config: DeepSeekConfig, depth: int, tp: TensorParallelContext = NO_TENSOR_PARALLEL, moe_kwargs: Optional[dict] = None
-    ) -> None:
+    def __init__(self, config: DeepSeekConfig, depth: int, parallel: ParallelContext = SINGLE_DEVICE) -> None:
         super().__init__()
+        tp = parallel.tp
         h, eps = config.hidden_size, config.norm_eps
         use_fused = config.kernels.use_fused_rmsnorm
         self.enorm = RMSNorm(h, eps, use_fused=use_fused)
@@ -101,7 +101,7 @@ class MTPDepth(nn.Module):
         # Replicated: it mixes two H-wide halves of this rank's tokens.
         self.eh_proj = nn.Linear(2 * h, h, bias=False)
         # Layer index after the main stack: MoE whenever the main stack's MoE rule says so.
-        self.layer = DecoderLayer(config, config.num_layers + depth, tp, moe_kwargs)
+        self.layer = DecoderLayer(config, config.num_layers + depth, parallel)
         self.final_layernorm = RMSNorm(h, eps, use_fused=use_fused)
         tp.mark_sequence_parallel(
             [self.enorm.weight, self.hnorm.weight, self.eh_proj.weight, self.final_layernorm.weight]
@@ -153,13 +153,14 @@ class DeepSeekModel(nn.Module):
     """The whole model, or one pipeline stage of it.
 
     Args:
-        tp: tensor/sequence-parallel split (default: none).
+        parallel: tensor / sequence / expert-parallel split (default: one device).
         layer_range: (start, end) decoder layers held by this stage (default: all).
         pre_process: this stage embeds the input ids (first stage).
         post_process: this stage holds the final norm, output head and MTP (last stage); it also
             holds its own copy of the embedding for MTP. Under pipeline parallelism both copies are
             marked `shared_embedding` so their gradients are summed.
-        moe_kwargs: extra arguments for every MoELayer (expert parallelism).
+        recompute: activation recomputation.
+        seed: the initialisation seed (values depend on it and the parameter names only).
     On a stage without `pre_process`, `set_input_tensor` provides the hidden input.
     """
 
@@ -167,21 +168,21 @@ class DeepSeekModel(nn.Module):
         self,
         config: DeepSeekConfig,
         *,
-        tp: TensorParallelContext = NO_TENSOR_PARALLEL,
+        parallel: ParallelContext = SINGLE_DEVICE,
         layer_range: Optional[Tuple[int, int]] = None,
         pre_process: bool = True,
         post_process: bool = True,
-        moe_kwargs: Optional[dict] = None,
         recompute: RecomputeConfig = RecomputeConfig(),
+        seed: int = 0,
     ) -> None:
         super().__init__()
-        self.config, self.tp, self.recompute = config, tp, recompute
+        tp = parallel.tp
+        self.config, self.parallel, self.tp, self.recompute = config, parallel, tp, recompute
+        self.padded_vocab_size = config.padded_vocab_size(tp.size)
         self.pre_process, self.post_process = pre_process, post_process
         start, end = layer_range if layer_range is not None else (0, config.num_layers)
         if not 0 <= start <= end <= config.num_layers:
             raise ValueError(f"layer range {layer_range} outside the model's {config.num_layers} layers")
-        if tp.enabled and any(config.is_moe_layer(i) for i in range(start, end)) and not tp.sequence_parallel:
-            raise ValueError("MoE layers with tensor parallelism need --sequence-parallel (each TP rank must route its own tokens)")
         if tp.enabled and config.tie_word_embeddings:
             raise ValueError("tied embeddings are not supported with tensor parallelism")
         self.layer_offset = start
@@ -196,51 +197,44 @@ class DeepSeekModel(nn.Module):
         # One parameter-free rotary table generator shared by all layers (tables built once per forward).
         self.rotary = RotaryEmbedding(config.mla.qk_rope_head_dim, config.rope)
         # Layers keep their global index in the name (layers.{i}) so checkpoints are layout-free.
-        self.layers = LayerDict({str(i): DecoderLayer(config, i, tp, moe_kwargs) for i in range(start, end)})
+        self.layers = LayerDict({str(i): DecoderLayer(config, i, parallel) for i in range(start, end)})
         if post_process:
             self.final_layernorm = RMSNorm(h, config.norm_eps, use_fused=config.kernels.use_fused_rmsnorm)
             tp.mark_sequence_parallel([self.final_layernorm.weight])
             # Column-parallel over the vocabulary; gathers the sequence under SP.
-            self.output_layer = tp.column_linear(h, config.vocab_size, False, config.init_method_std, gather_sequence=True)
+            self.output_layer = tp.column_linear(h, self.padded_vocab_size, False, gather_sequence=True)
+            self._mark_vocab_rows(self.output_layer.weight)
             if config.tie_word_embeddings:
                 self.output_layer.weight = self.embedding.weight
-            self.mtp = nn.ModuleList(MTPDepth(config, d, tp, moe_kwargs) for d in range(config.mtp.num_layers))
+            self.mtp = nn.ModuleList(MTPDepth(config, d, parallel) for d in range(config.mtp.num_layers))
         self.input_tensor: Optional[torch.Tensor] = None
         for layer in self._all_decoder_layers():
             layer.recompute_mlp = recompute.moe and layer.is_moe
             layer.self_attn.recompute_core_attention = recompute.core_attention
-        self.reset_parameters()
+        initialize_parameters(self, seed, config.init_method_std, parallel)
 
     def _all_decoder_layers(self) -> List[DecoderLayer]:
         return [m for m in self.modules() if isinstance(m, DecoderLayer)]
 
     def _build_embedding(self) -> nn.Module:
         if not self.tp.enabled:
-            return nn.Embedding(self.config.vocab_size, self.config.hidden_size)
-        return VocabParallelEmbedding(
-            self.config.vocab_size,
-            self.config.hidden_size,
-            group=self.tp.group,
-            sequence_parallel=self.tp.sequence_parallel,
-            sequence_dim=SEQUENCE_DIM,
-            init_method=normal_init(self.config.init_method_std),
-        )
+            embedding = nn.Embedding(self.padded_vocab_size, self.config.hidden_size)
+        else:
+            embedding = VocabParallelEmbedding(
+                self.padded_vocab_size,
+                self.config.hidden_size,
+                group=self.tp.group,
+                sequence_parallel=self.tp.sequence_split,
+                sequence_dim=SEQUENCE_DIM,
+                init_method=None,
+            )
+        self._mark_vocab_rows(embedding.weight)
+        return embedding
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """normal(0, init_method_std) for every matrix, norms 1, biases 0 (HF's init)."""
-        std = self.config.init_method_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-        for name, param in self.named_parameters():
-            # Stacked expert weights and the router are plain Parameters, not nn.Linear.
-            if name.endswith(("experts.gate_up_proj", "experts.down_proj", "router.weight")):
-                param.normal_(0.0, std)
+    def _mark_vocab_rows(self, weight: nn.Parameter) -> None:
+        """Rows >= vocab_size of this [padded vocab, H] weight are padding (init and checkpoints skip them)."""
+        if self.padded_vocab_size > self.config.vocab_size:
+            weight.logical_rows = self.config.vocab_size  # type: ignore[attr-defined]
 
     def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
         """Hidden states received from the previous pipeline stage ([b, s(/tp), H])."""
@@ -248,6 +242,27 @@ class DeepSeekModel(nn.Module):
 
     def moe_layers(self) -> List[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def set_moe_aux_loss_scale(self, scale: float) -> None:
+        """Gradient factor of every MoE auxiliary loss (1 / micro-batches per step, like the LM loss)."""
+        for moe in self.moe_layers():
+            moe.router.set_aux_loss_scale(scale)
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> int:
+        """Aux-loss-free balancing, once per optimizer step: every router's expert bias moves by the
+        routing load of the step, summed over the ranks that routed distinct tokens through the same
+        routers (`parallel.router_load_groups`: this stage's TP x DP ranks), in one all-reduce per
+        group for all layers. Returns the number of routers updated."""
+        routers = [m.router for m in self.moe_layers() if m.router.expert_bias is not None]
+        if not routers:
+            return 0
+        loads = torch.stack([r.local_tokens_per_expert for r in routers])  # [routers, E] fp32
+        for group in self.parallel.router_load_groups:
+            dist.all_reduce(loads, group=group)
+        for router, load in zip(routers, loads):
+            router.update_expert_bias(load)
+        return len(routers)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(input_ids)  # [b, s, H] ([b, s/tp, H] under SP)
@@ -275,7 +290,8 @@ class DeepSeekModel(nn.Module):
         out = ModelOutput()
         main_logits = self.output_layer(self.final_layernorm(hidden))  # [b, s, V(/tp)]
         if labels is None:
-            out.logits = gather_from_region(main_logits, self.tp.group) if self.tp.enabled else main_logits
+            logits = gather_from_region(main_logits, self.tp.group) if self.tp.enabled else main_logits
+            out.logits = logits[..., : self.config.vocab_size]
         else:
             out.losses = self.token_losses(main_logits, labels)
             prev = hidden
@@ -311,11 +327,14 @@ class DeepSeekModel(nn.Module):
         return hidden
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token cross entropy in fp32. logits [b, s, V(/tp)], labels [b, s] -> [b, s]."""
+        """Per-token cross entropy in fp32 over the real vocabulary (padding columns excluded).
+        logits [b, s, padded V(/tp)], labels [b, s] -> [b, s]."""
+        vocab = self.config.vocab_size
         if self.tp.enabled:
-            return vocab_parallel_cross_entropy(logits.float(), labels, self.tp.group)
-        b, s, v = logits.shape
-        return F.cross_entropy(logits.float().reshape(b * s, v), labels.reshape(b * s), reduction="none").view(b, s)
+            return vocab_parallel_cross_entropy(logits.float(), labels, self.tp.group, vocab_size=vocab)
+        b, s, _ = logits.shape
+        logits = logits.float()[..., :vocab]
+        return F.cross_entropy(logits.reshape(b * s, vocab), labels.reshape(b * s), reduction="none").view(b, s)
 
     def loss(self, out: ModelOutput, loss_mask: torch.Tensor) -> torch.Tensor:
         """Scalar training loss: masked mean LM loss + mtp_scale / D * sum of masked mean MTP losses.

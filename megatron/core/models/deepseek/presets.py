@@ -167,9 +167,22 @@ PRESETS: Dict[str, DeepSeekConfig] = {
 }
 
 
+# Short names of the released models (the launcher's HL_MODEL values use them too).
+PRESET_ALIASES: Dict[str, str] = {
+    "v3-671b": "deepseek-v3",
+    "v2-236b": "deepseek-v2",
+    "v2-lite": "deepseek-v2-lite",
+}
+
+
+def preset_names() -> tuple:
+    """Every accepted preset name: the presets' own names and their short aliases."""
+    return tuple(sorted(PRESETS)) + tuple(PRESET_ALIASES)
+
+
 def get_preset(name: str) -> DeepSeekConfig:
-    """The preset called `name` (configs are frozen, so the shared instance is safe to return)."""
+    """The preset called `name` or its alias (configs are frozen, so the shared instance is safe to return)."""
     try:
-        return PRESETS[name]
+        return PRESETS[PRESET_ALIASES.get(name, name)]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise ValueError(f"unknown model preset {name!r}; choose one of {list(preset_names())}") from None

@@ -1,24 +1,20 @@
 """DeepSeekMoE: router, load balancing, token dispatch, grouped experts and the MoE layer."""
 
 from megatron.core.transformer.moe.allgather_dispatcher import AllGatherTokenDispatcher
-from megatron.core.transformer.moe.alltoall_dispatcher import AllToAllTokenDispatcher, ExpertParallelDispatcher
+from megatron.core.transformer.moe.alltoall_dispatcher import AllToAllTokenDispatcher
 from megatron.core.transformer.moe.ep_comm import all_to_all, all_to_all_async
 from megatron.core.transformer.moe.experts import GroupedExperts, shard_expert_weights
-from megatron.core.transformer.moe.load_balancing import (
-    attach_aux_loss,
-    expert_aux_loss,
-    sequence_aux_loss,
-    set_aux_loss_scale,
-    stage_load_all_reduce,
-    update_expert_bias,
-    z_loss,
-)
-from megatron.core.transformer.moe.moe_layer import TOKEN_DISPATCHER_TYPES, MoELayer, MoEStats, build_token_dispatcher
+from megatron.core.transformer.moe.load_balancing import attach_aux_loss, expert_aux_loss, sequence_aux_loss, z_loss
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoEStats, build_token_dispatcher
 from megatron.core.transformer.moe.router import RouterOutput, TopKRouter, compute_routing
-from megatron.core.transformer.moe.token_dispatcher import DispatchPlan, TokenDispatcher, expert_capacity
+from megatron.core.transformer.moe.token_dispatcher import (
+    DispatchPlan,
+    ExpertParallelDispatcher,
+    TokenDispatcher,
+    expert_capacity,
+)
 
 __all__ = [
-    "TOKEN_DISPATCHER_TYPES",
     "AllGatherTokenDispatcher",
     "AllToAllTokenDispatcher",
     "DispatchPlan",
@@ -37,9 +33,6 @@ __all__ = [
     "expert_aux_loss",
     "expert_capacity",
     "sequence_aux_loss",
-    "set_aux_loss_scale",
     "shard_expert_weights",
-    "stage_load_all_reduce",
-    "update_expert_bias",
     "z_loss",
 ]

@@ -34,8 +34,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.moe.ep_comm import Completed, PendingAllToAll
-from megatron.core.transformer.moe.alltoall_dispatcher import ExpertParallelDispatcher
-from megatron.core.transformer.moe.token_dispatcher import DispatchPlan, weighted_unpermute
+from megatron.core.transformer.moe.token_dispatcher import DispatchPlan, ExpertParallelDispatcher, weighted_unpermute
 
 
 class AllGatherTokenDispatcher(ExpertParallelDispatcher):

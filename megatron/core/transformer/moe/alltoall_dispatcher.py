@@ -26,13 +26,9 @@ the layer separately on each rank's tokens (the same "token groups").
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-from megatron.core.config import MoEConfig
-from megatron.core.tensor_parallel.mappings import Group, group_rank, group_size
 from megatron.core.transformer.moe.ep_comm import (
     Deferred,
     PendingAllToAll,
@@ -40,38 +36,7 @@ from megatron.core.transformer.moe.ep_comm import (
     all_to_all_async,
     all_to_all_raw,
 )
-from megatron.core.transformer.moe.token_dispatcher import DispatchPlan, TokenDispatcher
-
-
-class ExpertParallelDispatcher(TokenDispatcher):
-    """Common state of the EP dispatchers: the EP group and this rank's slice of the experts."""
-
-    def __init__(
-        self,
-        num_experts: int,
-        topk: int,
-        ep_group: Group,
-        capacity_factor: Optional[float] = None,
-        pad_to_capacity: bool = False,
-        drop_policy: str = "probs",
-    ) -> None:
-        super().__init__(num_experts, topk, capacity_factor, pad_to_capacity, drop_policy)
-        self.ep_group = ep_group
-        self.ep_size = group_size(ep_group)
-        self.ep_rank = group_rank(ep_group)
-        if num_experts % self.ep_size:
-            raise ValueError(
-                f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({self.ep_size})"
-            )
-        self.num_local_experts = num_experts // self.ep_size
-        self.local_expert_start = self.ep_rank * self.num_local_experts
-
-    @classmethod
-    def from_config(cls, moe: MoEConfig, ep_group: Group = None) -> "ExpertParallelDispatcher":  # type: ignore[override]
-        return cls(moe.num_experts, moe.topk, ep_group, moe.capacity_factor, moe.pad_to_capacity, moe.drop_policy)
-
-    def dispatch(self, tokens: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return self.dispatch_async(tokens, plan).wait()
+from megatron.core.transformer.moe.token_dispatcher import DispatchPlan, ExpertParallelDispatcher
 
 
 class AllToAllTokenDispatcher(ExpertParallelDispatcher):

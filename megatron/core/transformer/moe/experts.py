@@ -94,7 +94,6 @@ class GroupedExperts(nn.Module):
         hidden_size: int,
         ffn_hidden_size: int,
         use_grouped_gemm: bool = True,
-        init_method_std: float = 0.02,
     ) -> None:
         super().__init__()
         if num_local_experts <= 0 or hidden_size <= 0 or ffn_hidden_size <= 0:
@@ -106,18 +105,12 @@ class GroupedExperts(nn.Module):
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
         self.use_grouped_gemm = use_grouped_gemm
-        self.init_method_std = init_method_std
         self.gate_up_proj = nn.Parameter(torch.empty(num_local_experts, 2 * ffn_hidden_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_local_experts, hidden_size, ffn_hidden_size))
         for param in (self.gate_up_proj, self.down_proj):
             param.is_expert = True  # type: ignore[attr-defined]
         # (device type, dtype) pairs whose grouped_mm kernel raised once; per instance, not global.
         self._grouped_mm_failed: Set[Tuple[str, torch.dtype]] = set()
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.gate_up_proj, mean=0.0, std=self.init_method_std)
-        nn.init.normal_(self.down_proj, mean=0.0, std=self.init_method_std)
 
     # ---- dynamic token counts ------------------------------------------------------------
     def forward(

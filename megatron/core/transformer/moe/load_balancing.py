@@ -20,23 +20,18 @@ Which ranks' tokens count: the load must be the whole step's, i.e. summed over e
 routed DISTINCT tokens through the same (replicated) router: the TP x DP ranks of the pipeline
 stage (under sequence parallelism each TP rank routes its own sequence chunk; expert parallelism
 does not change who routes what, since the router runs before dispatch).
-`stage_load_all_reduce(parallel_state)` builds that reduction for `update_expert_bias`. The
+`DeepSeekModel.update_expert_bias` sums the loads over those groups (`ParallelContext.router_load_groups`). The
 sequence-wise aux loss is per sequence and stays local; the V2 expert-level aux loss and the
 z-loss are per micro-batch of this rank.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from megatron.core.tensor_parallel.mappings import Group, all_reduce, group_size, reduce_from_region
-
-if TYPE_CHECKING:
-    from megatron.core.parallel_state import ParallelState
 
 # Relative floor of the per-token score sum, so an all-zero row cannot divide by zero.
 _NORM_EPS = 1e-20
@@ -168,59 +163,6 @@ def apply_bias_update(expert_bias: torch.Tensor, tokens_per_expert: torch.Tensor
     """In place: expert_bias += rate * sign(mean_load - load). Under-loaded experts become more attractive."""
     load = tokens_per_expert.to(torch.float32)
     expert_bias.add_(torch.sign(load.mean() - load).to(expert_bias.dtype), alpha=rate)
-
-
-def _routers(model: nn.Module) -> Iterator[nn.Module]:
-    from megatron.core.transformer.moe.router import TopKRouter  # router imports this module
-
-    for module in model.modules():
-        if isinstance(module, TopKRouter):
-            yield module
-
-
-@torch.no_grad()
-def update_expert_bias(
-    model: nn.Module, all_reduce: Optional[Callable[[torch.Tensor], Any]] = None
-) -> int:
-    """Apply the aux-loss-free bias update of every router in `model` and reset their load buffers.
-
-    Call once per optimizer step, after the last micro-batch's backward. `all_reduce`, when given,
-    sums a stacked [num_routers, E] fp32 load tensor in place across the ranks that share the
-    routers (DP, later CP/TP); one collective for all layers. Returns the number of routers updated.
-    """
-    routers = [r for r in _routers(model) if getattr(r, "expert_bias", None) is not None]
-    if not routers:
-        return 0
-    loads = torch.stack([r.local_tokens_per_expert for r in routers])
-    if all_reduce is not None:
-        all_reduce(loads)
-    for router, load in zip(routers, loads):
-        router.update_expert_bias(load)
-    return len(routers)
-
-
-def stage_load_all_reduce(
-    parallel_state: "ParallelState", kinds: Sequence[str] = ("tp", "dp")
-) -> Callable[[torch.Tensor], None]:
-    """In-place sum over the ranks that route distinct tokens: "tp" x "dp" of this stage by default.
-
-    One all-reduce per group of size > 1 (TP then DP: together every rank of the stage). Pass
-    `kinds=("dp",)` if the TP ranks of a layer hold the same tokens (no sequence parallelism).
-    Use as `update_expert_bias(model, all_reduce=stage_load_all_reduce(state))`.
-    """
-    groups = [parallel_state.group(kind) for kind in kinds if parallel_state.size(kind) > 1]
-
-    def all_reduce(loads: torch.Tensor) -> None:
-        for group in groups:
-            dist.all_reduce(loads, group=group)
-
-    return all_reduce
-
-
-def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
-    """Set the gradient scale of the aux losses of every router in `model` (e.g. 1 / num_micro_batches)."""
-    for router in _routers(model):
-        router.set_aux_loss_scale(scale)
 
 
 def aux_loss_values(losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -5,14 +5,13 @@ DeepseekV2Moe (the shared experts are one SwiGLU of width ffn_hidden_size * num_
 unscaled). Auxiliary losses ride on the routing weights through `attach_aux_loss`, so the
 output is exactly the routed sum and backward still sees the losses.
 
-Expert parallelism: `MoELayer(config, i, parallel_state=state)` (or `ep_group=group`) holds only
-this EP rank's E / EP experts and routes through an all-to-all (default) or all-gather dispatcher
-over the "ep" group. The input is this rank's own tokens (sequence parallelism under TP > 1).
-The router and shared experts are replicated: their gradients are partial sums over this rank's
-tokens, reduced over "dp" (and "tp" under SP) by the gradient code like any replicated weight; the
-expert weights carry `is_expert` and are reduced over "edp". The shared experts run while the
-dispatch all-to-all is in flight. `load_full_expert_weights` copies this rank's experts out of
-full [E, ...] weights, so an EP model can be made identical to a single-process one.
+Expert parallelism: with `parallel.ep` of size W the layer holds only this EP rank's E / W experts
+and routes through the all-to-all or all-gather dispatcher over the "ep" group
+(`parallel.ep.dispatcher`). The input is this rank's own tokens (sequence parallelism under
+TP > 1). The router and shared experts are replicated: their gradients are partial sums over this
+rank's tokens, reduced over "dp" (and "tp" under SP) by the gradient code like any replicated
+weight; the expert weights carry `is_expert` and are reduced over "edp". The shared experts run
+while the dispatch all-to-all is in flight.
 """
 
 from __future__ import annotations
@@ -24,42 +23,21 @@ import torch
 from torch import nn
 
 from megatron.core.config import DeepSeekConfig, MoEConfig
-from megatron.core.parallel_state import ParallelState
-from megatron.core.tensor_parallel.mappings import Group, group_rank, group_size
 from megatron.core.transformer.mlp import SwiGLUMLP
+from megatron.core.transformer.parallel_context import SINGLE_DEVICE, ExpertParallelContext, ParallelContext
 from megatron.core.transformer.moe.allgather_dispatcher import AllGatherTokenDispatcher
 from megatron.core.transformer.moe.alltoall_dispatcher import AllToAllTokenDispatcher
 from megatron.core.transformer.moe.experts import GroupedExperts, shard_expert_weights
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import DispatchPlan, TokenDispatcher
 
-TOKEN_DISPATCHER_TYPES = ("alltoall", "allgather")
 
-
-def build_token_dispatcher(moe: MoEConfig, ep_group: Group = None, dispatcher_type: str = "alltoall") -> TokenDispatcher:
-    """The dispatcher for an EP group: the single-device one when the group has one rank."""
-    if dispatcher_type not in TOKEN_DISPATCHER_TYPES:
-        raise ValueError(f"token dispatcher type must be one of {TOKEN_DISPATCHER_TYPES}, got {dispatcher_type!r}")
-    if group_size(ep_group) == 1:
+def build_token_dispatcher(moe: MoEConfig, ep: ExpertParallelContext) -> TokenDispatcher:
+    """The dispatcher of an EP group: the single-device one when the group has one rank."""
+    if ep.size == 1:
         return TokenDispatcher.from_config(moe)
-    cls = AllToAllTokenDispatcher if dispatcher_type == "alltoall" else AllGatherTokenDispatcher
-    return cls.from_config(moe, ep_group)
-
-
-def _expert_group(parallel_state: Optional[ParallelState], ep_group: Group) -> Group:
-    """The EP group from either argument, after checking the layouts this layer supports."""
-    if parallel_state is None:
-        return ep_group
-    if ep_group is not None:
-        raise ValueError("pass either parallel_state or ep_group to MoELayer, not both")
-    if parallel_state.size("etp") > 1:
-        raise ValueError(
-            f"expert tensor parallelism (expert-tensor-parallel size {parallel_state.size('etp')}) is not supported "
-            "by the MoE layer; use --expert-tensor-parallel-size 1"
-        )
-    if parallel_state.size("tp") > 1 and not parallel_state.sequence_parallel:
-        raise ValueError("MoE layers with --tensor-model-parallel-size > 1 need --sequence-parallel")
-    return parallel_state.group("ep")
+    cls = AllToAllTokenDispatcher if ep.dispatcher == "alltoall" else AllGatherTokenDispatcher
+    return cls.from_config(moe, ep.group)
 
 
 @dataclass
@@ -79,61 +57,32 @@ class MoELayer(nn.Module):
     After each forward `last_stats` holds a `MoEStats`.
     """
 
-    def __init__(
-        self,
-        config: DeepSeekConfig,
-        layer_idx: int,
-        parallel_state: Optional[ParallelState] = None,
-        *,
-        ep_group: Group = None,
-        token_dispatcher_type: Optional[str] = None,
-    ) -> None:
-        """`parallel_state` (its "ep" group) or `ep_group` enable expert parallelism; neither = one device.
-
-        `token_dispatcher_type` "alltoall" (default) or "allgather" (Megatron's
-        --moe-token-dispatcher-type); when None, `config.moe.token_dispatcher_type` if the config
-        has that field. Ignored when the EP group has one rank.
-        """
+    def __init__(self, config: DeepSeekConfig, layer_idx: int, parallel: ParallelContext = SINGLE_DEVICE) -> None:
         super().__init__()
         if not config.is_moe_layer(layer_idx):
             raise ValueError(f"layer {layer_idx} is dense under this config (first_k_dense={config.first_k_dense})")
-        moe = config.moe
+        moe, ep = config.moe, parallel.ep
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
-        self.ep_group = _expert_group(parallel_state, ep_group)
-        self.ep_size, self.ep_rank = group_size(self.ep_group), group_rank(self.ep_group)
+        self.ep_group, self.ep_size, self.ep_rank = ep.group, ep.size, ep.rank
         if moe.num_experts % self.ep_size:
             raise ValueError(
-                f"num_experts ({moe.num_experts}) must be divisible by the expert-parallel size ({self.ep_size})"
+                f"--num-experts ({moe.num_experts}) must be divisible by --expert-model-parallel-size ({self.ep_size})"
             )
+        if parallel.tp.enabled and not parallel.tp.sequence_parallel:
+            raise ValueError("MoE layers with --tensor-model-parallel-size > 1 need --sequence-parallel")
         self.num_local_experts = moe.num_experts // self.ep_size
         self.local_expert_start = self.ep_rank * self.num_local_experts  # global id of local expert 0
-        if token_dispatcher_type is None:
-            token_dispatcher_type = getattr(moe, "token_dispatcher_type", "alltoall")
-        sequence_group = None
-        if parallel_state is not None and parallel_state.sequence_parallel and parallel_state.size("tp") > 1:
-            sequence_group = parallel_state.group("tp")
+        sequence_group = parallel.tp.group if parallel.tp.sequence_split else None
         self.router = TopKRouter(config, sequence_group=sequence_group)
-        self.dispatcher = build_token_dispatcher(moe, self.ep_group, token_dispatcher_type)
+        self.dispatcher = build_token_dispatcher(moe, ep)
         self.experts = GroupedExperts(
-            self.num_local_experts,
-            config.hidden_size,
-            moe.ffn_hidden_size,
-            use_grouped_gemm=config.kernels.use_grouped_gemm,
-            init_method_std=config.init_method_std,
+            self.num_local_experts, config.hidden_size, moe.ffn_hidden_size, use_grouped_gemm=config.kernels.use_grouped_gemm
         )
         self.shared_experts: Optional[SwiGLUMLP] = None
         if moe.num_shared_experts > 0:
             self.shared_experts = SwiGLUMLP(config.hidden_size, moe.ffn_hidden_size * moe.num_shared_experts)
         self.last_stats: Optional[MoEStats] = None
-
-    def set_aux_loss_scale(self, scale: float) -> None:
-        """Gradient factor of this layer's aux losses (e.g. 1 / num_micro_batches)."""
-        self.router.set_aux_loss_scale(scale)
-
-    def update_expert_bias(self, tokens_per_expert: Optional[torch.Tensor] = None) -> None:
-        """Apply the aux-loss-free bias update from the load accumulated since the last call."""
-        self.router.update_expert_bias(tokens_per_expert)
 
     @torch.no_grad()
     def load_full_expert_weights(self, full_gate_up: torch.Tensor, full_down: torch.Tensor) -> None:

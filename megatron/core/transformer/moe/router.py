@@ -7,7 +7,6 @@ added in fp32 for the choice only, routing weights gathered from the unbiased sc
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -112,12 +111,10 @@ class TopKRouter(nn.Module):
         super().__init__()
         self.sequence_group = sequence_group
         moe = config.moe
-        moe.validate()
         self.config = moe
         self.hidden_size = config.hidden_size
         self.num_experts = moe.num_experts
         self.topk = moe.topk
-        self.init_method_std = config.init_method_std
         self.aux_loss_scale = 1.0
         self.weight = nn.Parameter(torch.empty(moe.num_experts, config.hidden_size))
         if moe.enable_expert_bias:
@@ -128,16 +125,6 @@ class TopKRouter(nn.Module):
         else:
             self.expert_bias: Optional[torch.Tensor] = None
             self.local_tokens_per_expert: Optional[torch.Tensor] = None
-        if moe.load_balancing_type != "none" and moe.aux_loss_coeff == 0.0:
-            warnings.warn(
-                f"MoE load_balancing_type={moe.load_balancing_type!r} with aux_loss_coeff=0: the auxiliary "
-                "loss is computed but has no effect (DeepSeek-V3 uses 1e-4)",
-                stacklevel=2,
-            )
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=self.init_method_std)
 
     # ---- dtype handling ---------------------------------------------------------------------
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "TopKRouter":
@@ -160,7 +147,7 @@ class TopKRouter(nn.Module):
         """expert_bias += rate * sign(mean_load - load), then reset the accumulated load.
 
         `tokens_per_expert` [E] overrides the local buffer (e.g. after an all-reduce over DP);
-        the module-level `load_balancing.update_expert_bias(model, all_reduce)` does that for all layers.
+        `DeepSeekModel.update_expert_bias` does that for every router of a model stage.
         """
         if self.expert_bias is None or self.local_tokens_per_expert is None:
             raise ValueError("update_expert_bias needs enable_expert_bias=True in the MoE config")

@@ -137,17 +137,6 @@ def test_distributed_optimizer_param_buffer_and_bf16_fp32_grads():
             assert p.main_grad.dtype == torch.float32 and torch.equal(p.main_grad, q.grad.float())
 
 
-def test_config_validation_and_run_config():
+def test_config_validation():
     with pytest.raises(ValueError, match="bucket_size_mb"):
         DDPConfig(bucket_size_mb=0)
-    from types import SimpleNamespace
-
-    from megatron.training.config import OptimizerConfig as RunOptimizerConfig, TrainingConfig
-
-    run = SimpleNamespace(  # the fields of a RunConfig that the adapter reads
-        optimizer=RunOptimizerConfig(use_distributed_optimizer=True, overlap_grad_reduce=True),
-        training=TrainingConfig(bf16=True),
-    )
-    cfg = DDPConfig.from_run_config(run)
-    assert cfg.use_distributed_optimizer and cfg.overlap_grad_reduce and cfg.grad_reduce_in_fp32
-    assert not DDPConfig.from_run_config(run, grad_reduce_in_fp32=False).grad_reduce_in_fp32

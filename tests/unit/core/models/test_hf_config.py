@@ -30,8 +30,8 @@ def _flat(config: DeepSeekConfig) -> dict:
 
 def test_presets_validate_and_lookup():
     assert set(PRESETS) == {"deepseek-v3", "deepseek-v2", "deepseek-v2-lite", "tiny"}
-    for config in PRESETS.values():
-        config.validate()
+    for config in PRESETS.values():  # validated when built; rebuilding re-validates
+        assert dataclasses.replace(config) == config
     assert get_preset("tiny") is PRESETS["tiny"]
     with pytest.raises(ValueError, match="unknown model preset"):
         get_preset("deepseek-v4")

@@ -14,15 +14,14 @@ import torch.nn.functional as F
 from megatron.core.config import MTPConfig
 from megatron.core.models.deepseek.model import DeepSeekModel, roll_left
 
-from tests.unit.parallel import layout_harness as H  # noqa: E402
+from tests.unit.core.models import tiny_model as H
 
 
 def _model(depths: int, scale: float = 0.3, aux_loss: bool = True) -> DeepSeekModel:
     config = dataclasses.replace(H.tiny_config(), mtp=MTPConfig(num_layers=depths, loss_scaling_factor=scale))
     if not aux_loss:  # the MTP depth's own MoE balance loss is not scaled by lambda
         config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, load_balancing_type="none", aux_loss_coeff=0.0))
-    torch.manual_seed(7)
-    return DeepSeekModel(config).eval()
+    return DeepSeekModel(config, seed=7).eval()
 
 
 def test_roll_left_shifts_and_fills():

@@ -2,7 +2,6 @@
 state-dict round trips, shard merging and configuration errors."""
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -285,13 +284,3 @@ def test_config_errors_and_run_config():
     with pytest.raises(ValueError, match="format"):
         opt.load_state_dict({"format": "x", "params": [{}]})
 
-    from megatron.training.config import OptimizerConfig as RunOpt, SchedulerConfig, TrainingConfig
-
-    run_cfg = SimpleNamespace(
-        optimizer=RunOpt(weight_decay=0.05, clip_grad=2.0, adam_beta2=0.95, use_distributed_optimizer=True),
-        scheduler=SchedulerConfig(lr=3e-4, min_lr=3e-5),
-        training=TrainingConfig(bf16=True),
-    )
-    cfg = OptimizerConfig.from_run_config(run_cfg)
-    assert (cfg.lr, cfg.min_lr, cfg.weight_decay, cfg.clip_grad, cfg.adam_beta2) == (3e-4, 3e-5, 0.05, 2.0, 0.95)
-    assert cfg.bf16 and cfg.use_distributed_optimizer

@@ -7,9 +7,17 @@ from typing import Any
 import torch
 
 from megatron.core.config import DeepSeekConfig, KernelConfig, MoEConfig
+from megatron.core.models.deepseek.init import initialize_parameters
+from megatron.core.transformer.parallel_context import SINGLE_DEVICE, ParallelContext
 
 HIDDEN = 32
 FFN = 16  # per routed expert; 16 fp32 = 64 bytes keeps grouped_mm's 16-byte stride rule
+
+
+def initialized(module: torch.nn.Module, seed: int = 0, std: float = 0.02, parallel: ParallelContext = SINGLE_DEVICE):
+    """`module` with the project's initialisation (modules are built with their weights unset)."""
+    initialize_parameters(module, seed, std, parallel)
+    return module
 
 
 def tiny_config(use_grouped_gemm: bool = True, hidden: int = HIDDEN, **moe_kwargs: Any) -> DeepSeekConfig:

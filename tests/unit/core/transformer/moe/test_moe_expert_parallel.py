@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from tests.unit.core.transformer.moe.moe_test_utils import tiny_config
-from test_moe_token_dispatcher import _SyncDetector
+from tests.unit.core.transformer.moe.test_moe_token_dispatcher import _SyncDetector
 
 from megatron.core.parallel_state import ParallelConfig, ParallelState, RankGrid
 from megatron.core.transformer.moe import (
@@ -33,9 +33,8 @@ from megatron.core.transformer.moe import (
     all_to_all,
     build_token_dispatcher,
     shard_expert_weights,
-    stage_load_all_reduce,
-    update_expert_bias,
 )
+from megatron.core.transformer.parallel_context import ExpertParallelContext, ParallelContext
 
 WORLD = 2
 H, B, S = 16, 2, 6  # T_local = 12 tokens per rank
@@ -63,7 +62,7 @@ def make_pair(cfg, state: ParallelState, dispatcher: str, seed: int) -> Tuple[Mo
             p.normal_(0.0, 0.3)
         if ref.router.expert_bias is not None:
             ref.router.expert_bias.copy_(BIAS[: cfg.moe.num_experts])
-    ep = MoELayer(cfg, 0, parallel_state=state, token_dispatcher_type=dispatcher)
+    ep = MoELayer(cfg, 0, ParallelContext.from_parallel_state(state, dispatcher))
     replicated = {k: v for k, v in ref.state_dict().items() if not k.startswith("experts.")}
     missing, unexpected = ep.load_state_dict(replicated, strict=False)
     assert sorted(missing) == ["experts.down_proj", "experts.gate_up_proj"] and not unexpected
@@ -138,19 +137,19 @@ def check_dropless(state: ParallelState, rank: int, dispatcher: str) -> None:
 
 
 def check_bias_update(ep: MoELayer, ref: MoELayer, state: ParallelState, case: str) -> None:
-    """The load reduced over the stage's TP x DP ranks equals the single-process count of all tokens."""
-    reduce = stage_load_all_reduce(state)
-    seen: List[torch.Tensor] = []
-
-    def all_reduce(loads: torch.Tensor) -> None:
-        reduce(loads)
-        seen.append(loads.clone())
-
+    """The load reduced over the router load groups of the layout (the stage's TP x DP ranks) equals
+    the single-process count of all tokens."""
+    groups = ParallelContext.from_parallel_state(state).router_load_groups
+    assert len(groups) == 1, f"{case}: EP2 = DP2 here, one load group expected"
     local = ep.router.local_tokens_per_expert.clone()
     expected = ref.router.local_tokens_per_expert.clone()
     assert not torch.equal(local, expected), f"{case}: every rank must count only its own tokens"
-    assert update_expert_bias(ep, all_reduce=all_reduce) == 1 and update_expert_bias(ref) == 1
-    assert torch.equal(seen[0][0], expected), f"{case}: reduced load {seen[0][0]} != {expected}"
+    loads = local.clone()
+    for group in groups:
+        dist.all_reduce(loads, group=group)
+    assert torch.equal(loads, expected), f"{case}: reduced load {loads} != {expected}"
+    ep.router.update_expert_bias(loads)
+    ref.router.update_expert_bias()
     assert torch.equal(ep.router.expert_bias, ref.router.expert_bias), case
 
 
@@ -222,9 +221,7 @@ def check_no_host_sync(state: ParallelState, rank: int) -> None:
 
 def check_layout_errors(state: ParallelState) -> None:
     with pytest.raises(ValueError, match="divisible"):
-        MoELayer(tiny_config(hidden=H, num_experts=3, topk=1, num_shared_experts=0), 0, parallel_state=state)
-    with pytest.raises(ValueError, match="not both"):
-        MoELayer(tiny_config(hidden=H), 0, parallel_state=state, ep_group=state.group("ep"))
+        MoELayer(tiny_config(hidden=H, num_experts=3, topk=1, num_shared_experts=0), 0, ParallelContext.from_parallel_state(state))
 
 
 # ---- process plumbing ---------------------------------------------------------------------------------
@@ -283,22 +280,21 @@ def test_single_rank_layouts_use_the_local_dispatcher() -> None:
     cfg = tiny_config(hidden=H)
     state = ParallelState.build(ParallelConfig())
     for kind in ("alltoall", "allgather"):
-        layer = MoELayer(cfg, 0, parallel_state=state, token_dispatcher_type=kind)
+        layer = MoELayer(cfg, 0, ParallelContext.from_parallel_state(state, kind))
         assert type(layer.dispatcher) is TokenDispatcher and layer.num_local_experts == 8
-    assert type(build_token_dispatcher(cfg.moe, None, "allgather")) is TokenDispatcher
-    with pytest.raises(ValueError, match="dispatcher type"):
-        MoELayer(cfg, 0, token_dispatcher_type="broadcast")
-    with pytest.raises(ValueError, match="not both"):
-        MoELayer(cfg, 0, parallel_state=state, ep_group=object())
+    assert type(build_token_dispatcher(cfg.moe, ExpertParallelContext(dispatcher="allgather"))) is TokenDispatcher
+    with pytest.raises(ValueError, match="dispatcher-type"):
+        ExpertParallelContext(dispatcher="broadcast")
     # Refused layouts (checked before any group is used): expert TP > 1, and TP > 1 without SP.
     etp = ParallelState(grid=RankGrid(2, tp=2, pp=1, ep=1, etp=2), rank=0, sequence_parallel=True,
                         ranks={kind: [0, 1] for kind in ("tp", "etp")})
     with pytest.raises(ValueError, match="expert-tensor-parallel-size 1"):
-        MoELayer(cfg, 0, parallel_state=etp)
+        ParallelContext.from_parallel_state(etp)
     no_sp = ParallelState(grid=RankGrid(2, tp=2, pp=1, ep=2, etp=1), rank=0, sequence_parallel=False,
-                          ranks={"tp": [0, 1], "etp": [0], "ep": [0, 1]})
+                          ranks={"tp": [0, 1], "etp": [0], "ep": [0, 1], "dp": [0]},
+                          groups={"tp": None, "ep": None, "dp": None})
     with pytest.raises(ValueError, match="--sequence-parallel"):
-        MoELayer(cfg, 0, parallel_state=no_sp)
+        MoELayer(cfg, 0, ParallelContext.from_parallel_state(no_sp))
     # EP dispatchers on a group of one are the local dispatcher with identity communication.
     for cls in (AllToAllTokenDispatcher, AllGatherTokenDispatcher):
         d = cls.from_config(cfg.moe, None)

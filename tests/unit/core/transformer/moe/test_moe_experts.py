@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from tests.unit.core.transformer.moe.moe_test_utils import initialized
 import torch.nn.functional as F
 
 from megatron.core.transformer.moe import GroupedExperts
@@ -23,7 +25,7 @@ def _reference(x: torch.Tensor, counts, gate_up: torch.Tensor, down: torch.Tenso
 
 def _experts(use_grouped_gemm: bool, dtype: torch.dtype) -> GroupedExperts:
     torch.manual_seed(0)
-    experts = GroupedExperts(E, H, I, use_grouped_gemm=use_grouped_gemm, init_method_std=0.2)
+    experts = initialized(GroupedExperts(E, H, I, use_grouped_gemm=use_grouped_gemm), std=0.2)
     return experts.to(dtype)
 
 
@@ -112,7 +114,7 @@ def test_padded_bmm_equals_grouped() -> None:
 
 def test_misaligned_sizes_fall_back_to_loop() -> None:
     """grouped_mm's CPU backward needs 16-byte strides; odd widths must take the loop instead."""
-    experts = GroupedExperts(2, 12, 6, use_grouped_gemm=True)
+    experts = initialized(GroupedExperts(2, 12, 6, use_grouped_gemm=True))
     x = torch.randn(5, 12, requires_grad=True)
     assert not experts._can_use_grouped_mm(x.detach())
     experts(x, torch.tensor([2, 3]), all_rows_valid=True).sum().backward()
@@ -121,8 +123,8 @@ def test_misaligned_sizes_fall_back_to_loop() -> None:
 
 def test_bad_sizes_raise() -> None:
     with pytest.raises(ValueError):
-        GroupedExperts(0, H, I)
-    experts = GroupedExperts(E, H, I)
+        initialized(GroupedExperts(0, H, I))
+    experts = initialized(GroupedExperts(E, H, I))
     with pytest.raises(ValueError):
         experts(torch.randn(3, H), torch.tensor([3]))
     with pytest.raises(ValueError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.unit.core.transformer.moe.moe_test_utils import copy_to_hf, hf_grads_in_our_layout, hf_v2_moe, hf_v3_moe, rel_err, tiny_config
+from tests.unit.core.transformer.moe.moe_test_utils import copy_to_hf, hf_grads_in_our_layout, hf_v2_moe, hf_v3_moe, rel_err, tiny_config, initialized
 
 from megatron.core.transformer.moe import MoELayer, MoEStats
 
@@ -42,7 +42,7 @@ def test_v3_layer_matches_hf(grouped: bool) -> None:
         use_grouped_gemm=grouped, num_experts=8, topk=3, num_groups=4, group_topk=2,
         routed_scaling_factor=2.5, norm_topk_prob=True, enable_expert_bias=True, num_shared_experts=1,
     )
-    layer = MoELayer(cfg, 0)
+    layer = initialized(MoELayer(cfg, 0))
     _randomise(layer)
     with torch.no_grad():
         layer.router.expert_bias.copy_(torch.tensor([0.1, -0.05, 0.0, 0.2, -0.1, 0.05, -0.2, 0.15]))
@@ -60,7 +60,7 @@ def test_v2_layer_matches_hf(groups) -> None:
         num_experts=8, topk=3, score_function="softmax", num_groups=groups[0], group_topk=groups[1],
         routed_scaling_factor=1.5, norm_topk_prob=False, num_shared_experts=2,
     )
-    layer = MoELayer(cfg, 0)
+    layer = initialized(MoELayer(cfg, 0))
     _randomise(layer)
     _compare(layer, hf_v2_moe(cfg), torch.randn(3, 5, 32))
 
@@ -68,11 +68,11 @@ def test_v2_layer_matches_hf(groups) -> None:
 def test_bf16_layer_runs_close_to_fp32() -> None:
     torch.manual_seed(2)
     cfg = tiny_config(num_groups=4, group_topk=2, enable_expert_bias=True, routed_scaling_factor=2.5)
-    layer = MoELayer(cfg, 0)
+    layer = initialized(MoELayer(cfg, 0))
     _randomise(layer, 0.1)
     x = torch.randn(2, 8, 32)
     ref = layer(x)
-    layer_bf16 = MoELayer(cfg, 0).to(torch.bfloat16)
+    layer_bf16 = initialized(MoELayer(cfg, 0)).to(torch.bfloat16)
     layer_bf16.load_state_dict(layer.state_dict())
     xb = x.to(torch.bfloat16).requires_grad_()
     out = layer_bf16(xb)
@@ -87,7 +87,7 @@ def test_dense_layer_index_is_rejected() -> None:
         vocab_size=64, hidden_size=32, ffn_hidden_size=64, num_layers=2, first_k_dense=1, moe=tiny_config().moe
     )
     with pytest.raises(ValueError):
-        MoELayer(cfg, 0)
-    MoELayer(cfg, 1)
+        initialized(MoELayer(cfg, 0))
+    initialized(MoELayer(cfg, 1))
     with pytest.raises(ValueError):
-        MoELayer(cfg, 1)(torch.randn(4, 32))
+        initialized(MoELayer(cfg, 1))(torch.randn(4, 32))

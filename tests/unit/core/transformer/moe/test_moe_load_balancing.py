@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
-from tests.unit.core.transformer.moe.moe_test_utils import tiny_config
+from tests.unit.core.transformer.moe.moe_test_utils import tiny_config, initialized
 
-from megatron.core.transformer.moe import (
-    MoELayer,
-    TopKRouter,
-    attach_aux_loss,
-    set_aux_loss_scale,
-    update_expert_bias,
-)
+from megatron.core.transformer.moe import MoELayer, TopKRouter, attach_aux_loss
 from megatron.core.transformer.moe import load_balancing as lb
 
 E, K = 8, 2
@@ -42,7 +35,7 @@ def _hand_counts(indices: torch.Tensor, mask=None) -> torch.Tensor:
 
 def test_bias_accumulates_over_micro_batches_and_resets() -> None:
     torch.manual_seed(0)
-    router = TopKRouter(tiny_config(enable_expert_bias=True, bias_update_rate=0.01))
+    router = initialized(TopKRouter(tiny_config(enable_expert_bias=True, bias_update_rate=0.01)))
     router.train()
     x1, x2 = torch.randn(2, 5, 32), torch.randn(1, 7, 32)
     mask2 = torch.tensor([[True] * 5 + [False] * 2])  # padding tokens are not load
@@ -60,24 +53,32 @@ def test_bias_accumulates_over_micro_batches_and_resets() -> None:
     assert torch.equal(router.local_tokens_per_expert, torch.zeros(E))
 
 
-def test_update_expert_bias_over_model_uses_one_all_reduce() -> None:
-    torch.manual_seed(1)
-    cfg = tiny_config(enable_expert_bias=True, bias_update_rate=0.1)
-    model = torch.nn.ModuleList([MoELayer(cfg, 0), MoELayer(cfg, 0)])
+def test_update_expert_bias_over_model_uses_one_all_reduce(monkeypatch) -> None:
+    """DeepSeekModel.update_expert_bias: one all-reduce of the stacked [routers, E] loads per load group."""
+    import dataclasses
+
+    from megatron.core.models.deepseek import model as model_module
+    from megatron.core.models.deepseek.model import DeepSeekModel
+    from megatron.core.transformer.parallel_context import ParallelContext
+
+    cfg = dataclasses.replace(tiny_config(enable_expert_bias=True, bias_update_rate=0.1), num_layers=3, first_k_dense=1)
+    fake_group = object()
+    model = DeepSeekModel(cfg, parallel=ParallelContext(router_load_groups=(fake_group,)), seed=1)
     model.train()
-    for layer in model:
-        layer(torch.randn(2, 6, 32))
-    loads = [layer.router.local_tokens_per_expert.clone() for layer in model]
+    model(torch.randint(0, 64, (2, 6)), labels=torch.randint(0, 64, (2, 6)))
+    loads = [layer.router.local_tokens_per_expert.clone() for layer in model.moe_layers()]
     calls = []
 
-    def fake_all_reduce(t: torch.Tensor) -> None:  # two identical DP ranks
-        calls.append(tuple(t.shape))
+    def fake_all_reduce(t: torch.Tensor, group=None) -> None:  # two identical DP ranks
+        calls.append((tuple(t.shape), group))
         t.mul_(2)
 
-    assert update_expert_bias(model, fake_all_reduce) == 2
-    assert calls == [(2, E)]
-    for layer, load in zip(model, loads):
+    monkeypatch.setattr(model_module.dist, "all_reduce", fake_all_reduce)
+    assert model.update_expert_bias() == 2
+    assert calls == [((2, E), fake_group)]
+    for layer, load in zip(model.moe_layers(), loads):
         total = 2 * load
+        assert total.sum() > 0
         assert torch.allclose(layer.router.expert_bias, 0.1 * torch.sign(total.mean() - total))
         assert not layer.router.local_tokens_per_expert.any()
 
@@ -85,7 +86,7 @@ def test_update_expert_bias_over_model_uses_one_all_reduce() -> None:
 # ---- aux losses vs hand computations ---------------------------------------------------------
 def _router_with_loss(**moe_kwargs) -> TopKRouter:
     torch.manual_seed(2)
-    router = TopKRouter(tiny_config(**moe_kwargs))
+    router = initialized(TopKRouter(tiny_config(**moe_kwargs)))
     with torch.no_grad():
         router.weight.normal_(0.0, 0.5)
     return router
@@ -160,13 +161,13 @@ def test_aux_loss_gradients_reach_parameters(kind: str, scale: float) -> None:
     score = "sigmoid" if kind == "seq_aux_loss" else "softmax"
     kw = dict(score_function=score, num_groups=4, group_topk=2, routed_scaling_factor=2.0)
     torch.manual_seed(3)
-    layer = MoELayer(tiny_config(load_balancing_type=kind, aux_loss_coeff=0.05, z_loss_coeff=0.01, **kw), 0)
-    plain = MoELayer(tiny_config(**kw), 0)
+    layer = initialized(MoELayer(tiny_config(load_balancing_type=kind, aux_loss_coeff=0.05, z_loss_coeff=0.01, **kw), 0))
+    plain = initialized(MoELayer(tiny_config(**kw), 0))
     plain.load_state_dict(layer.state_dict())
     with torch.no_grad():
         layer.router.weight.normal_(0.0, 0.5)
         plain.router.weight.copy_(layer.router.weight)
-    set_aux_loss_scale(layer, scale)
+    layer.router.set_aux_loss_scale(scale)
     x = torch.randn(2, 6, 32)
 
     x1 = x.clone().requires_grad_()
@@ -196,8 +197,3 @@ def test_aux_loss_gradients_reach_parameters(kind: str, scale: float) -> None:
     assert not torch.allclose(no_aux.router.weight.grad, layer.router.weight.grad)
 
 
-def test_zero_coefficient_warns() -> None:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        TopKRouter(tiny_config(load_balancing_type="seq_aux_loss", aux_loss_coeff=0.0))
-    assert any("aux_loss_coeff=0" in str(w.message) for w in caught)

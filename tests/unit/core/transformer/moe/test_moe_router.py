@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.unit.core.transformer.moe.moe_test_utils import hf_v2_moe, hf_v3_moe, tiny_config
+from tests.unit.core.transformer.moe.moe_test_utils import hf_v2_moe, hf_v3_moe, tiny_config, initialized
 
 from megatron.core.transformer.moe import TopKRouter
 
@@ -19,7 +19,7 @@ def _v3_router(**kwargs):
         num_experts=16, topk=4, num_groups=4, group_topk=2, routed_scaling_factor=2.5,
         enable_expert_bias=True, **kwargs,
     )
-    router = TopKRouter(cfg)
+    router = initialized(TopKRouter(cfg))
     with torch.no_grad():
         router.weight.normal_(0.0, 0.3)
         # Nonzero bias, large enough to change choices and group selection.
@@ -59,7 +59,7 @@ def test_v2_routing_matches_hf(groups) -> None:
         num_experts=16, topk=3, score_function="softmax", num_groups=num_groups, group_topk=group_topk,
         routed_scaling_factor=1.7, norm_topk_prob=True,  # norm is ignored with softmax, as in HF
     )
-    router = TopKRouter(cfg)
+    router = initialized(TopKRouter(cfg))
     with torch.no_grad():
         router.weight.normal_(0.0, 0.5)
     hf = hf_v2_moe(cfg).gate
@@ -92,7 +92,7 @@ def test_bf16_model_routes_in_fp32_and_keeps_fp32_bias() -> None:
 
 
 def test_router_rejects_bad_input() -> None:
-    router = TopKRouter(tiny_config())
+    router = initialized(TopKRouter(tiny_config()))
     with pytest.raises(ValueError):
         router(torch.randn(4, 31))
     with pytest.raises(ValueError):

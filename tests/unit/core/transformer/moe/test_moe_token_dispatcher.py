@@ -9,7 +9,7 @@ from typing import List, Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.unit.core.transformer.moe.moe_test_utils import tiny_config
+from tests.unit.core.transformer.moe.moe_test_utils import tiny_config, initialized
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron.core.transformer.moe import GroupedExperts, MoELayer, TokenDispatcher, expert_capacity
@@ -78,7 +78,7 @@ def test_capacity_formula() -> None:
 
 def test_dropless_permutation_and_combine() -> None:
     torch.manual_seed(0)
-    experts = GroupedExperts(E, H, I, init_method_std=0.2)
+    experts = initialized(GroupedExperts(E, H, I), std=0.2)
     hidden, probs, indices = _routing(10, seed=1)
     dispatcher = TokenDispatcher(E, K)
     rows, plan, out = _run(dispatcher, experts, hidden, probs, indices)
@@ -96,7 +96,7 @@ def test_dropless_permutation_and_combine() -> None:
 @pytest.mark.parametrize("num_tokens,factor", [(12, 0.5), (3, 4.0)])  # second: capacity 6 > T = 3
 def test_capacity_drop_matches_loop_reference(policy: str, pad: bool, num_tokens: int, factor: float) -> None:
     torch.manual_seed(0)
-    experts = GroupedExperts(E, H, I, init_method_std=0.2)
+    experts = initialized(GroupedExperts(E, H, I), std=0.2)
     hidden, probs, indices = _routing(num_tokens, seed=2)
     hidden.requires_grad_()
     probs.requires_grad_()
@@ -132,7 +132,7 @@ def test_capacity_drop_matches_loop_reference(policy: str, pad: bool, num_tokens
 @pytest.mark.parametrize("pad", [False, True])
 def test_padding_tokens_take_no_capacity(pad: bool) -> None:
     torch.manual_seed(0)
-    experts = GroupedExperts(E, H, I, init_method_std=0.2)
+    experts = initialized(GroupedExperts(E, H, I), std=0.2)
     hidden, probs, indices = _routing(12, seed=3)
     mask = torch.tensor([True, False] * 6)
     factor = 0.5 if pad else None  # dropless with a mask still drops the padding tokens
@@ -192,7 +192,7 @@ def test_pad_to_capacity_never_syncs(policy: str) -> None:
         capacity_factor=1.0, pad_to_capacity=True, drop_policy=policy, enable_expert_bias=True,
         num_groups=4, group_topk=2, load_balancing_type="seq_aux_loss", aux_loss_coeff=1e-3, z_loss_coeff=1e-3,
     )
-    layer = MoELayer(cfg, 0)
+    layer = initialized(MoELayer(cfg, 0))
     x = torch.randn(2, 6, 32, requires_grad=True)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False
@@ -209,7 +209,7 @@ def test_pad_to_capacity_never_syncs(policy: str) -> None:
 def test_dropless_and_dropping_grouped_paths_never_sync() -> None:
     for moe_kwargs in (dict(), dict(capacity_factor=1.0)):
         cfg = tiny_config(**moe_kwargs)
-        layer = MoELayer(cfg, 0)
+        layer = initialized(MoELayer(cfg, 0))
         with _SyncDetector() as det:
             _layer_fwd_bwd(layer, torch.randn(2, 6, 32, requires_grad=True))
         assert det.syncs == []
@@ -224,7 +224,7 @@ def test_loop_fallback_does_read_the_host() -> None:
     """The per-expert loop fallback needs its split sizes on the host: the meta run catches that."""
     cfg = tiny_config(use_grouped_gemm=False)
     with torch.device("meta"):
-        layer = MoELayer(cfg, 0)
+        layer = initialized(MoELayer(cfg, 0))
         xm = torch.randn(2, 6, 32)
     with pytest.raises((RuntimeError, NotImplementedError)):
         layer(xm)
