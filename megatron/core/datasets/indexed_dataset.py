@@ -1,6 +1,6 @@
 """Megatron's `.bin/.idx` indexed dataset: a streaming writer and a memory-mapped reader.
 
-Byte layout (all little-endian; see ../shared/reference/indexed-dataset-format.md):
+Byte layout (all little-endian; the format Megatron-LM's `tools/preprocess_data.py` writes):
 
     .idx:  b"MMIDIDX\\x00\\x00" | version u64 = 1 | dtype code u8 | sequence_count u64 |
            document_count u64 | sequence_lengths int32[S] | sequence_pointers int64[S] |

@@ -2,7 +2,7 @@
 
 MLA rotates only the `qk_rope_head_dim` slice of each query head and the single shared rope key
 (DeepSeek-V2 paper, section 2.1.3). Three layouts of that slice are supported, matching the three
-ways Hugging Face's DeepSeek models apply it (see shared/reference/hf-deepseek.md):
+ways Hugging Face's DeepSeek models apply it:
 
 - ``interleave=True, interleave_output_permuted=True`` (HF V3, ``rope_interleave=True``): pairs
   (x[2i], x[2i+1]) rotate by angle i; the output is laid out as [rotated evens | rotated odds].

@@ -7,7 +7,7 @@ directory). Both RoPE spellings are accepted: transformers 5's `rope_parameters`
 what an export writes as config.json; it loads with transformers' DeepseekV3Config /
 DeepseekV2Config and maps back to the same DeepSeekConfig.
 
-Architecture facts follow shared/reference/hf-deepseek.md: V3 routes with sigmoid scores, an
+Architecture facts follow transformers' DeepseekV3/V2 modelling code: V3 routes with sigmoid scores, an
 expert bias and group-limited top-k; V2 with softmax, "greedy" or "group_limited_greedy"; a layer
 is MoE exactly when its index >= first_k_dense_replace. Training-only settings (capacity, kernels,
 params dtype) are not in HF configs and keep DeepSeekConfig's defaults; DeepSeek's own
