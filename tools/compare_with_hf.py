@@ -4,7 +4,10 @@
     python tools/compare_with_hf.py --hf-path HF_DIR --token-ids "1 2 3 4" --token-ids "5 6 7"
     python tools/compare_with_hf.py --hf-path HF_DIR --checkpoint OUR_DIR --prompts "Hello" --tokenizer TOK_DIR
 
-Our model is converted from --hf-path unless --checkpoint names one of ours. Each sequence runs on
+Our model is converted from --hf-path unless --checkpoint names one of ours: a training checkpoint
+of any parallel layout (a `--save` directory, an iter_N directory, or the output of
+`tools/convert_hf_checkpoint.py import`) or the single-process format (config.json + safetensors);
+the tool says which it found. Each sequence runs on
 its own (no padding). Prints max |diff|, max relative difference (max |diff| / max |HF logit| per
 sequence), KL(HF || ours) averaged over tokens, and top-1 agreement; exits 1 when a figure is
 outside its tolerance (defaults depend on --dtype, flags override), 2 on usage errors.
@@ -29,7 +32,7 @@ DEFAULT_TOLERANCES = {"float32": (1e-4, 1e-6, 0.99), "bfloat16": (5e-2, 5e-3, 0.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-path", required=True, help="HF DeepSeek-V3 / V2 model directory")
-    parser.add_argument("--checkpoint", help="our checkpoint directory (default: convert --hf-path)")
+    parser.add_argument("--checkpoint", help="our checkpoint: training checkpoint or single-process directory (default: convert --hf-path)")
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--token-ids", action="append", help='space-separated token ids, e.g. "1 2 3" (repeatable)')
     inputs.add_argument("--prompts", nargs="+", help="texts to tokenize with --tokenizer")
@@ -86,17 +89,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from megatron.core.models.deepseek.hf_conversion import load_hf_checkpoint
-    from megatron.core.models.deepseek.hf_io import load_checkpoint
+    from megatron.training.checkpoint_export import load_any_model
+    from megatron.training.checkpoint_io import CheckpointError
 
     dtype = getattr(torch, args.dtype)
     try:
         seqs = _sequences(args)
         hf = AutoModelForCausalLM.from_pretrained(args.hf_path, dtype=dtype, attn_implementation=args.attn_implementation).eval()
         if args.checkpoint:
-            ours, _ = load_checkpoint(args.checkpoint, dtype)
+            ours, _, found = load_any_model(args.checkpoint, dtype)
+            print(f"our model: {found}")
         else:
             ours, _ = load_hf_checkpoint(args.hf_path, dtype)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, FileNotFoundError, OSError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     ours.eval()

@@ -1,15 +1,19 @@
 #!/usr/bin/env python
 """Convert DeepSeek-V3 / V2 checkpoints between Hugging Face format and ours.
 
-    python tools/convert_hf_checkpoint.py import --hf-path HF_DIR --output OUR_DIR [--dtype bfloat16]
-    python tools/convert_hf_checkpoint.py export --checkpoint OUR_DIR --hf-path HF_OUT [--model-type deepseek_v2]
+    python tools/convert_hf_checkpoint.py import --hf-path HF_DIR --output CKPT_DIR [--dtype bfloat16]
+    python tools/convert_hf_checkpoint.py export --checkpoint CKPT_DIR --hf-path HF_OUT [--model-type deepseek_v2]
 
 import: HF directory (config.json + safetensors, per-expert or fused expert keys, block-FP8 weights
-dequantised) -> our format (config.json of DeepSeekConfig + safetensors with our names; see
-megatron/core/models/deepseek/hf_io.py). Peak memory: about the model plus one tensor.
-export: our format -> HF safetensors (per-expert keys, as DeepSeek released them) + config.json,
-loadable by transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM. Streams one of our
-tensors at a time. Both write shards of at most --max-shard-size bytes.
+dequantised) -> a training checkpoint (the distributed `torch_dist` format, iteration 0, weights
+only, with the model's arguments): training starts from it with `--load CKPT_DIR` (plus
+`--finetune` / `--use-checkpoint-args`), `tools/verify_checkpoint.py` checks it, and
+`tools/compare_with_hf.py --checkpoint` compares it. Peak memory: about the model plus one tensor.
+export: a training checkpoint of any parallel layout (or the older single-process format:
+config.json + safetensors with our names) -> HF safetensors (per-expert keys, as DeepSeek released
+them) + config.json, loadable by transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM, in
+shards of at most --max-shard-size bytes. The HF model type follows the checkpoint's router
+(softmax: deepseek_v2, sigmoid: deepseek_v3); --model-type overrides it.
 """
 
 from __future__ import annotations
@@ -43,25 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF checkpoint -> our checkpoint")
     imp.add_argument("--hf-path", required=True, help="HF model directory (config.json + *.safetensors)")
-    imp.add_argument("--output", required=True, help="our checkpoint directory to write")
+    imp.add_argument("--output", required=True, help="training checkpoint directory to write (iteration 0)")
     imp.add_argument("--dtype", choices=_DTYPES, default="float32", help="parameter dtype of the output (expert bias stays fp32)")
-    imp.add_argument("--max-shard-size", type=parse_size, default=parse_size("4GB"))
     imp.add_argument("--missing-mtp", choices=("drop", "error"), default="drop",
                      help="config declares MTP layers the checkpoint lacks (HF save_pretrained drops them)")
     exp = sub.add_parser("export", help="our checkpoint -> HF checkpoint")
-    exp.add_argument("--checkpoint", required=True, help="our checkpoint directory")
+    exp.add_argument("--checkpoint", required=True, help="training checkpoint (save root or iter_N) or single-process directory")
     exp.add_argument("--hf-path", required=True, help="HF directory to write")
-    exp.add_argument("--model-type", choices=("deepseek_v3", "deepseek_v2"), default="deepseek_v3")
+    exp.add_argument("--model-type", choices=("deepseek_v3", "deepseek_v2"), default=None,
+                     help="HF model type (default: from the checkpoint's router: softmax -> deepseek_v2, sigmoid -> deepseek_v3)")
     exp.add_argument("--dtype", choices=_DTYPES, default=None, help="cast floating tensors (default: keep)")
     exp.add_argument("--max-shard-size", type=parse_size, default=parse_size("4GB"))
     return parser
-
-
-def _is_training_checkpoint(path: str) -> bool:
-    """A `--save` directory of pretrain_gpt.py (tracker file) or one of its iter_N directories."""
-    return os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")) or (
-        os.path.basename(os.path.normpath(path)).startswith("iter_") and os.path.isfile(os.path.join(path, "common.json"))
-    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -69,29 +66,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from megatron.core.models.deepseek.hf_conversion import export_hf_checkpoint, load_hf_checkpoint
-    from megatron.core.models.deepseek.hf_io import save_checkpoint
-
+    from megatron.core.models.deepseek.hf_io import read_our_config
+    from megatron.training.checkpoint_export import describe, infer_model_type, load_any_model, save_model_checkpoint
     from megatron.training.checkpoint_io import CheckpointError
 
     start = time.perf_counter()
     try:
         if args.command == "import":
             model, config = load_hf_checkpoint(args.hf_path, getattr(torch, args.dtype), "cpu", missing_mtp=args.missing_mtp)
-            names = save_checkpoint(model, config, args.output, args.max_shard_size)
+            path = save_model_checkpoint(model, config, args.output)
             count = sum(p.numel() for p in model.parameters())
-            print(f"imported {args.hf_path} -> {args.output}: {count:,} parameters, {len(names)} shard(s), "
-                  f"{config.num_layers} layers + {config.mtp.num_layers} MTP, {time.perf_counter() - start:.1f}s")
+            print(f"imported {args.hf_path} -> {path} (training checkpoint, iteration 0, weights only): {count:,} "
+                  f"parameters, {config.num_layers} layers + {config.mtp.num_layers} MTP, {time.perf_counter() - start:.1f}s")
         else:
             dtype = getattr(torch, args.dtype) if args.dtype else None
-            source = args.checkpoint
-            if _is_training_checkpoint(source):
-                # torch_dist checkpoint of any parallel layout: gather it into one model first.
-                from megatron.training.checkpointing import load_full_model
-
-                source, _ = load_full_model(args.checkpoint)
-            names = export_hf_checkpoint(source, args.hf_path, args.model_type, dtype=dtype, max_shard_bytes=args.max_shard_size)
-            print(f"exported {args.checkpoint} -> {args.hf_path} ({args.model_type}): {len(names)} shard(s), "
-                  f"{time.perf_counter() - start:.1f}s")
+            found = describe(args.checkpoint)
+            print(f"reading {found}")
+            if found.startswith("single-process"):  # streamed tensor by tensor from its safetensors
+                source, config = args.checkpoint, read_our_config(args.checkpoint)
+            else:  # any parallel layout, gathered into one process
+                source, config, _ = load_any_model(args.checkpoint)
+            model_type = args.model_type or infer_model_type(config)
+            names = export_hf_checkpoint(source, args.hf_path, model_type, dtype=dtype, max_shard_bytes=args.max_shard_size)
+            print(f"exported {args.checkpoint} -> {args.hf_path} ({model_type}"
+                  f"{'' if args.model_type else ', from the checkpoint'}): {len(names)} shard(s), {time.perf_counter() - start:.1f}s")
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

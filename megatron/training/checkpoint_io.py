@@ -1,12 +1,11 @@
-"""Storage helpers of the `torch_dist` training checkpoint (see `checkpointing.py` for the format).
+"""Small pieces shared by the training-checkpoint modules: errors, names, locating a checkpoint
+(tracker, iteration directories), atomic small-file writes and strict JSON reads, RNG state as
+JSON, the tensors of a module that are saved, and reading the single-process hf_io format.
 
-- `SafeFileSystemReader`: torch.distributed.checkpoint's FileSystemReader whose `.metadata` is
-  read with an allow-listing unpickler (DCP itself uses plain `pickle.load`), so a tampered
-  checkpoint cannot execute code; the `.distcp` payload is raw tensor bytes.
-- `placements_for` / `to_storage`: how one rank's local tensor sits inside the FULL logical tensor
-  stored under the parameter's name, as a DTensor over a rank mesh (no communication), read from
-  the same attributes `sharding.shard_of` uses.
-- RNG states as JSON, atomic small-file writes, checkpoint verification.
+Module map: `checkpoint_format` (data files + JSON index), `checkpoint_boxes` (box geometry),
+`checkpointing` (save / load protocol), `checkpoint_lock` (one writer per save directory),
+`checkpoint_verify` (verification, `tools/verify_checkpoint.py`), `checkpoint_export` (full
+tensors / one-process model / writing a checkpoint from one model).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import pickle
 import random
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
@@ -22,191 +20,114 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 MODEL_PREFIX = "model/"
 OPTIM_PREFIX = "optim/"
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "master")
 COMMON_NAME = "common.json"
 RNG_DIR = "rng"
-METADATA_NAME = ".metadata"
-FORMAT = "megatron-deepseek-torch_dist/1"
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
+OLD_MARK = ".tmp-old-"  # iter_N.tmp-old-XXXX: a complete iter_N moved aside while iter_N is re-saved
+TMP_MARK = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt (the message names the file)."""
+    """A checkpoint is missing, incomplete, corrupt or unsafe (the message names the file)."""
 
 
-# ---- safe metadata reading --------------------------------------------------------------------
-_ALLOWED_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", n)
-    for n in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch._utils", "_get_layout"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-}
+# ---- locating a checkpoint ---------------------------------------------------------------------
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata only: any other global (a function, os.system, ...) is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from checkpoint metadata")
-
-
-def read_metadata(directory: str) -> Metadata:
-    """The DCP metadata of a checkpoint directory, read safely; CheckpointError names the file."""
-    path = os.path.join(directory, METADATA_NAME)
+def read_tracker(root: str) -> Optional[int]:
+    """Iteration named by the tracker file, None when there is none; CheckpointError when corrupt."""
+    path = os.path.join(root, TRACKER_NAME)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing (incomplete checkpoint: the save did not finish)")
+        return None
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
     try:
-        with open(path, "rb") as f:
-            md = _MetadataUnpickler(f).load()
-    except Exception as exc:  # corrupt / truncated / forbidden content
-        raise CheckpointError(f"{path}: cannot read checkpoint metadata: {exc}") from exc
-    if not isinstance(md, Metadata):
-        raise CheckpointError(f"{path}: not DCP metadata (got {type(md).__name__})")
-    return md
+        value = int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}") from None
+    if value < 0:
+        raise CheckpointError(f"{path}: negative iteration {value}")
+    return value
 
 
-class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader with the allow-listing metadata unpickler."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if kwargs.get("rank") is not None:
-            raise CheckpointError("per-rank DCP metadata files are not used by this format")
-        md = read_metadata(str(self.path))
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        if getattr(md, "storage_meta", None) is None:
-            md.storage_meta = StorageMeta()
-        md.storage_meta.load_id = self.load_id
-        return md
+def is_iteration_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMMON_NAME))
 
 
-def check_storage_files(directory: str, md: Metadata) -> None:
-    """Every data file the metadata names exists and is long enough (catches truncated writes)."""
-    need: Dict[str, int] = {}
-    for info in (md.storage_data or {}).values():
-        rel = str(info.relative_path)
-        need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
-    for rel, size in sorted(need.items()):
-        path = os.path.join(directory, rel)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: data file missing (incomplete checkpoint)")
-        if os.path.getsize(path) < size:
-            raise CheckpointError(f"{path}: truncated ({os.path.getsize(path)} bytes, metadata needs {size})")
+def moved_aside(root: str, iteration: int) -> Optional[str]:
+    """A complete iter_N moved aside by a re-save of iteration N that was killed before the new
+    iter_N was in place (the next save moves it back), or None."""
+    base = os.path.basename(iteration_dir(root, iteration)) + OLD_MARK
+    try:
+        hits = sorted(e for e in os.listdir(root) if e.startswith(base))
+    except OSError:
+        return None
+    return os.path.join(root, hits[0]) if hits else None
 
 
-def check_tiling(md: Metadata) -> None:
-    """Every stored tensor's chunks cover its full shape exactly (no shard missing)."""
-    for key, item in md.state_dict_metadata.items():
-        if not isinstance(item, TensorStorageMetadata):
+def resolve(load_dir: str) -> Optional[str]:
+    """The iteration directory to load from `load_dir` (a save root or an iter_N dir), or None."""
+    if is_iteration_dir(load_dir):
+        return load_dir
+    iteration = read_tracker(load_dir)
+    if iteration is None:
+        return None
+    path = iteration_dir(load_dir, iteration)
+    if os.path.isdir(path):
+        return path
+    aside = moved_aside(load_dir, iteration)
+    if aside is not None:
+        return aside
+    raise CheckpointError(f"{os.path.join(load_dir, TRACKER_NAME)} names iteration {iteration} but {path} does not exist")
+
+
+def is_hf_io_dir(path: str) -> bool:
+    """The single-process format of `hf_io` (config.json + safetensors, no tracker)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and any(f.endswith(".safetensors") for f in os.listdir(path))
+
+
+def complete_iterations(root: str) -> List[Tuple[int, str]]:
+    """(iteration, dir) of the finished iteration directories under a save root, newest first."""
+    out = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    for name in names:
+        if not name.startswith("iter_") or TMP_MARK in name:
             continue
-        numel = 1
-        for d in item.size:
-            numel *= int(d)
-        covered = 0
-        for chunk in item.chunks:
-            n = 1
-            for d in chunk.sizes:
-                n *= int(d)
-            covered += n
-        if covered != numel:
-            raise CheckpointError(f"tensor {key!r}: stored chunks cover {covered} of {numel} elements (incomplete)")
+        digits = name[len("iter_"):]
+        path = os.path.join(root, name)
+        if digits.isdigit() and is_iteration_dir(path):
+            out.append((int(digits), path))
+    return sorted(out, reverse=True)
 
 
-# ---- layout-independent storage of a rank's tensor ---------------------------------------------
-def stored_view_shape(name: str, full_shape: Tuple[int, ...], is_expert: bool) -> Tuple[int, ...]:
-    """Shape under which a full tensor is stored: the fused dense SwiGLU [2F, H] as [2, F, H]
-    (same memory order), so a TP shard [gate chunk; up chunk] is a plain chunk along dim 1."""
-    if not is_expert and name.endswith("gate_up_proj.weight") and len(full_shape) == 2:
-        return (2, full_shape[0] // 2, full_shape[1])
-    return tuple(full_shape)
+# ---- strict JSON -------------------------------------------------------------------------------------
+def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
 
 
-def placements_for(name: str, param: torch.Tensor, state: Any) -> Tuple[str, List[Tuple[str, int]]]:
-    """(mesh kind "dense"/"expert", [(mesh dim name, stored tensor dim it splits)]) for a local tensor.
-
-    Mirrors `sharding.shard_of`: experts split dim 0 over EP; `tensor_model_parallel` parameters
-    split `partition_dim` over TP (dim 1 of the [2, F, H] view for the fused gate_up)."""
-    expert = bool(getattr(param, "is_expert", False))
-    splits: List[Tuple[str, int]] = []
-    tp = state.size("tp") if state is not None else 1
-    ep = state.size("ep") if state is not None else 1
-    if expert and ep > 1:
-        splits.append(("ep", 0))
-    if getattr(param, "tensor_model_parallel", False) and tp > 1:
-        dim = int(getattr(param, "partition_dim", 0))
-        if not expert and name.endswith("gate_up_proj.weight"):
-            if dim != 0:
-                raise ValueError(f"{name}: fused gate_up split along dim {dim}, expected 0")
-            dim = 1
-        if expert:
-            if state.size("etp") != tp:
-                raise NotImplementedError(f"{name}: TP-split expert with expert-tensor-parallel size != TP size")
-            splits.append(("etp", dim))
-        else:
-            splits.append(("tp", dim))
-    return ("expert" if expert else "dense"), splits
+def _refuse(value: str) -> Any:
+    raise ValueError(f"{value} is not allowed")
 
 
-def _mesh(state: Any, kind: str) -> Any:
-    from torch.distributed.device_mesh import DeviceMesh
-
-    cache = state.__dict__.setdefault("_checkpoint_meshes", {})
-    if kind not in cache:
-        g = state.grid
-        if kind == "dense":
-            shape, names = (g.pp, g.dp, g.tp), ("pp", "dp", "tp")
-        else:
-            shape, names = (g.pp, g.edp, g.ep, g.etp), ("pp", "edp", "ep", "etp")
-        ranks = torch.arange(g.world_size).reshape(shape)
-        # No process groups needed: DCP only reads each rank's coordinate to place its chunk.
-        cache[kind] = DeviceMesh("cpu", ranks, mesh_dim_names=names, _init_backend=False)
-    return cache[kind]
-
-
-def to_storage(name: str, param: torch.Tensor, local: torch.Tensor, state: Any, distributed: bool) -> torch.Tensor:
-    """`local` (this rank's part of `name`, shaped like `param`) as the object DCP stores: a DTensor
-    over the rank mesh when the tensor is split, else a plain tensor (DCP keeps one copy of
-    identical keys written by several ranks)."""
-    kind, splits = placements_for(name, param, state)
-    expert = kind == "expert"
-    if not expert and name.endswith("gate_up_proj.weight") and local.dim() == 2:
-        local = local.reshape(2, local.shape[0] // 2, local.shape[1])
-    if not splits or not distributed:
-        return local
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    mesh = _mesh(state, kind)
-    by_dim = dict(splits)
-    placements = [Shard(by_dim[n]) if n in by_dim else Replicate() for n in mesh.mesh_dim_names]
-    return DTensor.from_local(local, mesh, placements, run_check=False)
-
-
-def storage_local(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The rank-local tensor of a loaded storage object, shaped like the parameter `like`."""
-    from torch.distributed.tensor import DTensor
-
-    t = stored.to_local() if isinstance(stored, DTensor) else stored
-    return t.reshape(like.shape)
+def parse_strict_json(text: str, floats: bool = True) -> Any:
+    """JSON without duplicate keys or NaN / Infinity (and without floats unless `floats`)."""
+    return json.loads(
+        text, object_pairs_hook=_no_duplicates, parse_constant=_refuse, parse_float=float if floats else _refuse
+    )
 
 
 # ---- RNG ----------------------------------------------------------------------------------------
@@ -259,14 +180,29 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
-def read_json(path: str) -> Dict[str, Any]:
+def read_text(path: str) -> str:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing (incomplete checkpoint)")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable or corrupt JSON: {exc}") from exc
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable: {exc}") from None
+
+
+def parse_json_object(text: str, path: str) -> Dict[str, Any]:
+    try:
+        value = parse_strict_json(text)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: corrupt JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def read_json(path: str) -> Dict[str, Any]:
+    """A JSON object file, strictly parsed; CheckpointError naming the file otherwise."""
+    return parse_json_object(read_text(path), path)
 
 
 def persistent_named_tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
@@ -279,20 +215,6 @@ def persistent_named_tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
         if name in keys:
             out.setdefault(name, b)
     return out
-
-
-def expected_optim_keys(md: Metadata) -> List[str]:
-    """Optimizer keys that must accompany the stored model keys (verification)."""
-    keys = md.state_dict_metadata
-    names = {k[len(OPTIM_PREFIX):].rsplit("/", 1)[0] for k in keys if k.startswith(OPTIM_PREFIX)}
-    missing = []
-    for n in sorted(names):
-        if MODEL_PREFIX + n not in keys:
-            missing.append(MODEL_PREFIX + n)
-        for sub in ("exp_avg", "exp_avg_sq"):
-            if f"{OPTIM_PREFIX}{n}/{sub}" not in keys:
-                missing.append(f"{OPTIM_PREFIX}{n}/{sub}")
-    return missing
 
 
 # ---- hf_io single-process format -----------------------------------------------------------------

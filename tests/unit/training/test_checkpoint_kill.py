@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron.training import checkpointing as ckpt
-from tests.unit.training import test_checkpointing as T  # the same helpers as the child
+from tests.unit.training import checkpoint_testlib as T  # the same helpers as the child
 
 HERE = Path(__file__).resolve().parent
 
@@ -23,32 +23,32 @@ HERE = Path(__file__).resolve().parent
 CHILD = r"""
 import os, signal, sys
 import torch
-import torch.distributed.checkpoint as dcp
-from tests.unit.training import test_checkpointing as T
+from megatron.training import checkpoint_format as fmt
 from megatron.training import checkpoint_io as io
 from megatron.training import checkpointing as ckpt
-from tests.unit.training import test_checkpointing as T  # the same helpers as the child
+from tests.unit.training import checkpoint_testlib as T
 
 root, point, target = sys.argv[1], sys.argv[2], int(sys.argv[3])
 model, opt, state = T.build()
 T.train_steps(model, opt, range(2))
 T.save(root, 2, model, opt, state)
-torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(root, "..", "weights_at_2.pt"))
+torch.save(T.snapshot(model), os.path.join(root, "..", "weights_at_2.pt"))
 T.train_steps(model, opt, range(2, 3))
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-real_replace, real_write, real_finish = os.replace, io.atomic_write_text, dcp.FileSystemWriter.finish
+real_replace, real_write, real_feed = os.replace, io.atomic_write_text, fmt.DataFileWriter._feed
 
-def finish(self, *a, **k):          # DCP data files written, .metadata not yet
-    if point == "dcp_metadata":
+def feed(self, view):               # half of the data file written
+    if point == "data" and self.bytes > 0:
         die()
-    return real_finish(self, *a, **k)
+    return real_feed(self, view)
 
 def write(path, text):
     name = os.path.basename(path)
-    if (point == "common" and name == io.COMMON_NAME) or (point == "tracker" and name == ckpt.TRACKER_NAME):
+    if (point == "index" and name == fmt.INDEX_NAME) or (point == "common" and name == io.COMMON_NAME) \
+            or (point == "tracker" and name == ckpt.TRACKER_NAME):
         die()
     return real_write(path, text)
 
@@ -61,7 +61,7 @@ def replace(src, dst):
         die()                       # old iter_N moved aside, new one not yet in place
     return out
 
-dcp.FileSystemWriter.finish = finish
+fmt.DataFileWriter._feed = feed
 io.atomic_write_text = write
 os.replace = replace
 T.save(root, target, model, opt, state)
@@ -71,7 +71,7 @@ print("save finished: the kill point was never reached", flush=True)
 
 @pytest.mark.parametrize(
     "point,target",
-    [("dcp_metadata", 4), ("common", 4), ("rename", 4), ("tracker", 4), ("resave_window", 2)],
+    [("data", 4), ("index", 4), ("common", 4), ("rename", 4), ("tracker", 4), ("resave_window", 2)],
 )
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path: Path, point: str, target: int) -> None:
     root = tmp_path / "save"
@@ -84,12 +84,12 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path: Path, point: st
     )
     assert proc.returncode == -signal.SIGKILL, f"child exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
 
-    expected = torch.load(tmp_path / "weights_at_2.pt")
+    expected = torch.load(tmp_path / "weights_at_2.pt", weights_only=True)
     assert ckpt.read_tracker(str(root)) == 2
     assert ckpt.verify_checkpoint(str(root))["iteration"] == 2
     fresh, fopt, fstate = T.build(seed=5)
     assert ckpt.load_checkpoint(str(root), [fresh], fopt, None, fstate)["iteration"] == 2
-    T.states_equal(fresh.state_dict(), expected)
+    T.states_equal(T.snapshot(fresh), expected)
 
     # The next save (a restarted run) cleans up and leaves only complete checkpoints.
     T.save(root, 6, fresh, fopt, fstate)
@@ -99,4 +99,4 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path: Path, point: st
     assert "iter_0000002" in names  # the previous checkpoint survives (moved back after resave_window)
     again, aopt, astate = T.build(seed=9)
     assert ckpt.load_checkpoint(str(root / "iter_0000002"), [again], aopt, None, astate)["iteration"] == 2
-    T.states_equal(again.state_dict(), expected)
+    T.states_equal(T.snapshot(again), expected)
