@@ -1,0 +1,237 @@
+"""Measure what the planner predicts, on a real run of the training entry point.
+
+Peak memory of each rank (resident set high-water mark of the child process):
+
+    torchrun --nproc_per_node 2 --no-python python -m megatron.training.planning.measure rss -- \
+        python pretrain_gpt.py <flags>
+
+prints `PLAN_MEASURE rss rank=<RANK> max_rss_bytes=<n>` per rank. Run with
+MALLOC_MMAP_THRESHOLD_=65536 so glibc serves every tensor-sized allocation with its own mapping
+and returns it to the OS when freed: the high-water mark then follows the peak of live tensors
+(plus the process baseline), as a device allocator's peak "allocated" statistic does.
+
+Bytes moved per process-group kind:
+
+    torchrun --nproc_per_node 2 -m megatron.training.planning.measure comm --out DIR -- pretrain_gpt.py <flags>
+
+wraps torch.distributed's collectives and point-to-point calls, learns which group is which kind
+from `ParallelState.build`, runs the script as `__main__`, and writes DIR/comm_rank<R>.json:
+{"bytes": {kind: {op: bytes}}, "calls": {kind: {op: count}}}, counted as comm.py defines them.
+Counting two runs that differ only in --train-iters and subtracting gives one step's traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import json
+import os
+import resource
+import runpy
+import subprocess
+import sys
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence
+
+
+def _nbytes(t: Any) -> int:
+    return int(t.numel() * t.element_size())
+
+
+class CommCounter:
+    """Counts bytes per (group kind, op) of every torch.distributed call it wraps."""
+
+    def __init__(self) -> None:
+        self.kinds: Dict[int, str] = {}
+        self.bytes: Dict[str, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.calls: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def kind(self, group: Any) -> str:
+        if group is None:
+            return "world"
+        return self.kinds.get(id(group), "other")
+
+    def record(self, group: Any, op: str, nbytes: int) -> None:
+        kind = self.kind(group)
+        self.bytes[kind][op] += nbytes
+        self.calls[kind][op] += 1
+
+    def install(self) -> None:
+        import torch.distributed as dist
+
+        from megatron.core import parallel_state
+
+        counter = self
+        build = parallel_state.ParallelState.build.__func__
+
+        def wrapped_build(cls, *args, **kwargs):
+            state = build(cls, *args, **kwargs)
+            for kind, group in state.groups.items():
+                if group is not None:
+                    counter.kinds[id(group)] = kind
+            return state
+
+        parallel_state.ParallelState.build = classmethod(wrapped_build)
+
+        def wrap(name: str, op: str, size) -> None:
+            original = getattr(dist, name, None)
+            if original is None:
+                return
+
+            @functools.wraps(original)
+            def inner(*args, **kwargs):
+                group = kwargs.get("group")
+                if group is None:
+                    group = _positional_group(name, args)
+                counter.record(group, op, size(*args, **kwargs))
+                return original(*args, **kwargs)
+
+            setattr(dist, name, inner)
+
+        wrap("all_reduce", "all_reduce", lambda t, *a, **k: _nbytes(t))
+        wrap("all_gather", "all_gather", lambda out, t, *a, **k: sum(_nbytes(x) for x in out))
+        wrap("all_gather_into_tensor", "all_gather", lambda out, t, *a, **k: _nbytes(out))
+        wrap("all_gather_single", "all_gather", lambda out, t, *a, **k: _nbytes(out))
+        wrap("reduce_scatter_tensor", "reduce_scatter", lambda out, t, *a, **k: _nbytes(t))
+        wrap("reduce_scatter_single", "reduce_scatter", lambda out, t, *a, **k: _nbytes(t))
+        wrap("all_to_all_single", "all_to_all", lambda out, t, *a, **k: _nbytes(t))
+        wrap("broadcast", "broadcast", lambda t, *a, **k: _nbytes(t))
+        original_batch = dist.batch_isend_irecv
+
+        @functools.wraps(original_batch)
+        def batch(ops):
+            for p2p in ops:
+                op = "send" if p2p.op in (dist.isend, getattr(dist, "send", None)) else "recv"
+                counter.record(p2p.group, op, _nbytes(p2p.tensor))
+            return original_batch(ops)
+
+        dist.batch_isend_irecv = batch
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"bytes": {k: dict(v) for k, v in self.bytes.items()}, "calls": {k: dict(v) for k, v in self.calls.items()}}
+
+
+def _positional_group(name: str, args: Sequence[Any]) -> Any:
+    """The group when passed positionally (torch.distributed signatures)."""
+    index = {"all_reduce": 2, "all_gather": 2, "all_gather_into_tensor": 2, "all_gather_single": 2,
+             "reduce_scatter_tensor": 3, "reduce_scatter_single": 3, "all_to_all_single": 4, "broadcast": 2}.get(name)
+    return args[index] if index is not None and len(args) > index else None
+
+
+def _rss(cmd: List[str]) -> int:
+    proc = subprocess.run(cmd)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB
+    rank = os.environ.get("RANK", "0")
+    print(f"PLAN_MEASURE rss rank={rank} max_rss_bytes={peak_kib * 1024} returncode={proc.returncode}", flush=True)
+    return proc.returncode
+
+
+def _comm(out_dir: str, cmd: List[str]) -> int:
+    counter = CommCounter()
+    counter.install()
+    rank = os.environ.get("RANK", "0")
+
+    def dump() -> None:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"comm_rank{rank}.json"), "w") as f:
+            json.dump(counter.as_dict(), f)
+
+    atexit.register(dump)
+    script = cmd[0]
+    sys.argv = list(cmd)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+# ---- drivers: run the entry point under torchrun and collect the measurements -----------------
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(world: int, tail: List[str]) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port())] + tail
+
+
+def measure_peak_rss(world: int, train_argv: Sequence[str], timeout: float = 900) -> List[int]:
+    """Peak resident bytes of each rank of `torchrun pretrain_gpt.py <train_argv>` (rank order).
+
+    glibc's mmap threshold is pinned (see the module docstring) and each rank uses one thread.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    cmd = _torchrun(world, ["--no-python", sys.executable, "-m", "megatron.training.planning.measure", "rss", "--",
+                            sys.executable, os.path.join(REPO_ROOT, "pretrain_gpt.py"), *train_argv])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+    peaks: Dict[int, int] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("PLAN_MEASURE rss"):
+            fields = dict(item.split("=", 1) for item in line.split()[2:])
+            if fields["returncode"] != "0":
+                break
+            peaks[int(fields["rank"])] = int(fields["max_rss_bytes"])
+    if proc.returncode != 0 or len(peaks) != world:
+        raise RuntimeError(f"measurement run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return [peaks[r] for r in range(world)]
+
+
+def count_comm(world: int, train_argv: Sequence[str], out_dir: str, timeout: float = 600) -> List[Dict[str, Any]]:
+    """Per-rank {"bytes", "calls"} of `torchrun pretrain_gpt.py <train_argv>` (whole run)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    cmd = _torchrun(world, ["-m", "megatron.training.planning.measure", "comm", "--out", out_dir, "--",
+                            os.path.join(REPO_ROOT, "pretrain_gpt.py"), *train_argv])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"counting run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    out = []
+    for rank in range(world):
+        with open(os.path.join(out_dir, f"comm_rank{rank}.json")) as f:
+            out.append(json.load(f))
+    return out
+
+
+def one_step_comm(world: int, train_argv: Sequence[str], work_dir: str) -> List[Dict[str, Dict[str, float]]]:
+    """Bytes of one training step per rank and group kind: a 2-iteration run minus a 1-iteration run."""
+    runs = []
+    for iters in (1, 2):
+        argv = [a for a in train_argv] + ["--train-iters", str(iters)]
+        runs.append(count_comm(world, argv, os.path.join(work_dir, f"iters{iters}")))
+    step = []
+    for one, two in zip(*runs):
+        diff: Dict[str, Dict[str, float]] = {}
+        for kind, ops in two["bytes"].items():
+            for op, value in ops.items():
+                delta = value - one["bytes"].get(kind, {}).get(op, 0.0)
+                if delta:
+                    diff.setdefault(kind, {})[op] = delta
+        step.append(diff)
+    return step
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron.training.planning.measure")
+    sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser("rss", help="run a command, report its peak resident memory")
+    comm = sub.add_parser("comm", help="run a Python script in-process, count its torch.distributed traffic")
+    comm.add_argument("--out", required=True)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in raw:
+        parser.error("put the command after --")
+    split = raw.index("--")
+    args = parser.parse_args(raw[:split])
+    cmd = raw[split + 1:]
+    if not cmd:
+        parser.error("no command after --")
+    return _rss(cmd) if args.what == "rss" else _comm(args.out, cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
