@@ -10,8 +10,17 @@ input. Example:
         --append-eod --workers 8
 
 Inputs: JSON lines (.jsonl/.json, optionally .gz), Parquet, Arrow, a `datasets.save_to_disk`
-folder, CSV/TSV/text via `datasets`, a folder of such files, or a glob. The logic lives in
-`megatron.training.data_prep`; nothing here imports torch.
+folder, CSV/TSV/text via `datasets`, a folder of such files, a glob, or `@list.txt` (a file
+listing inputs one per line). The logic lives in `megatron.training.data_prep`; nothing here
+imports torch.
+
+Sharded and resumable (one pair per input file, or per N MB of JSON lines; a manifest of
+finished units; several machines split the units with --shard-index/--num-shards):
+
+    python tools/preprocess_data.py --input 'corpus/*.jsonl' --output-prefix data/corpus \
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model tok --append-eod \
+        --shard-size-mb 512 --shard-index 0 --num-shards 4 --resume
+    python tools/merge_datasets.py --manifest data/corpus_shards --output-prefix data/corpus
 """
 
 from __future__ import annotations
@@ -58,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--keep-sequential-samples", action="store_true",
                        help="with --partitions: contiguous chunks instead of round-robin (keeps input order)")
     group.add_argument("--batch-bytes", type=int, default=1 << 20, help=argparse.SUPPRESS)
+
+    group = parser.add_argument_group("sharding")
+    group.add_argument("--sharded", action="store_true",
+                       help="one output pair per input file under {prefix}_shards/, with a manifest of finished units")
+    group.add_argument("--shard-size-mb", type=float, default=None,
+                       help="also cut JSON-lines files into units of this many MB (implies --sharded)")
+    group.add_argument("--shard-index", type=int, default=0, help="this process's share: units u with u %% n == i")
+    group.add_argument("--num-shards", type=int, default=1, help="number of processes (machines) splitting the units")
+    group.add_argument("--resume", action="store_true", help="skip units whose recorded output verifies")
     group.add_argument("--executor", choices=["auto", "threads", "processes"], default="auto", help=argparse.SUPPRESS)
     return parser
 
@@ -102,7 +120,16 @@ def main(argv: Optional[List[str]] = None, tokenizer=None, splitter=None) -> int
         configure_thread_pool(config.workers)  # before the tokenizer library first runs
         if tokenizer is None:
             tokenizer = build_tokenizer_from_args(args)
-        preprocess(config, tokenizer, splitter)
+        sharded = args.sharded or args.shard_size_mb is not None or args.num_shards > 1 or args.resume
+        if sharded:
+            from megatron.training.data_prep.shards import run_sharded
+
+            if args.shard_size_mb is not None and args.shard_size_mb <= 0:
+                raise ValueError(f"--shard-size-mb must be positive, got {args.shard_size_mb}")
+            shard_bytes = int(args.shard_size_mb * 1e6) if args.shard_size_mb is not None else None
+            run_sharded(config, tokenizer, splitter, shard_bytes, args.shard_index, args.num_shards, args.resume)
+        else:
+            preprocess(config, tokenizer, splitter)
     except (InputError, SentenceSplitterUnavailable, IndexedDatasetError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

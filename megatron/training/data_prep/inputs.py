@@ -37,32 +37,80 @@ _BOM = b"\xef\xbb\xbf"
 class JsonLinesSource(InputSource):
     """JSON lines, one object per line, optionally gzip-compressed (Megatron's input format)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, byte_range: Optional[tuple[int, int]] = None) -> None:
         super().__init__(path)
         self._raw = None
+        # With a byte range [start, end) (sharded preprocessing), the records are the lines that
+        # start inside it; line numbers in messages stay those of the whole file.
+        self.byte_range = byte_range
+        self._first_line_start = 0
+        self._line_base: Optional[int] = None
+        if byte_range is not None:
+            if path.endswith(".gz"):
+                raise InputError(f"{path}: a gzip file cannot be read from the middle; it is one shard")
+            self.size = max(0, min(byte_range[1], self.size) - byte_range[0])
 
     def position(self) -> int:
         raw = self._raw
         if raw is None or raw.closed:
             return self.size if self.records_seen else 0
-        return raw.tell()
+        return min(self.size, raw.tell() - (self.byte_range[0] if self.byte_range else 0))
+
+    def absolute_line(self, line_no: int) -> int:
+        """File line number of the range's `line_no`-th line (newlines before the range are
+        counted on first use only: it reads the file up to the range)."""
+        if self.byte_range is None or self._first_line_start == 0:
+            return line_no
+        if self._line_base is None:
+            count, done = 0, 0
+            with open(self.path, "rb") as f:
+                while done < self._first_line_start:
+                    chunk = f.read(min(1 << 24, self._first_line_start - done))
+                    if not chunk:
+                        break
+                    count += chunk.count(b"\n")
+                    done += len(chunk)
+            self._line_base = count
+        return self._line_base + line_no
+
+    def _seek_range(self, raw) -> Optional[int]:
+        """Position `raw` on the first line starting in the range; returns the range end."""
+        if self.byte_range is None:
+            return None
+        start, end = self.byte_range
+        if start > 0:
+            raw.seek(start - 1)
+            if raw.read(1) != b"\n":
+                raw.readline()  # the line in progress belongs to the previous range
+        self._first_line_start = raw.tell()
+        return end
 
     def batches(self, keys: Sequence[str], batch_bytes: int, bad: BadRecords, first_index: int) -> Iterator[RecordBatch]:
         with open(self.path, "rb") as raw:
             self._raw = raw
             stream = gzip.GzipFile(fileobj=raw, mode="rb") if self.path.endswith(".gz") else raw
+            end = self._seek_range(raw)
+            offset = raw.tell()  # start of the next line (ranges only)
             line_no = 0
             try:
-                while True:
+                while end is None or offset < end:
                     try:
                         lines = stream.readlines(batch_bytes)
                     except (OSError, EOFError) as exc:  # corrupt or truncated gzip
                         raise InputError(f"{self.path}: cannot read past line {line_no}: {exc}") from exc
+                    if end is not None:
+                        for i, line in enumerate(lines):
+                            if offset >= end:
+                                del lines[i:]
+                                break
+                            offset += len(line)
                     if not lines:
                         break
-                    if line_no == 0 and lines[0].startswith(_BOM):
+                    if line_no == 0 and self._first_line_start == 0 and lines[0].startswith(_BOM):
                         lines[0] = lines[0][len(_BOM):]
                     batch = RecordBatch(self.path, {k: [] for k in keys}, [], [], 0)
+                    if self.byte_range is not None:
+                        batch.absolute_line = self.absolute_line
                     columns = [batch.values[k] for k in keys]
                     for line in lines:
                         line_no += 1
@@ -89,34 +137,34 @@ class JsonLinesSource(InputSource):
         try:
             obj = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            bad.report(self.path, line_no, f"invalid UTF-8 (byte {exc.start} of the line)")
+            bad.report(self.path, self.absolute_line(line_no), f"invalid UTF-8 (byte {exc.start} of the line)")
             return None
         except json.JSONDecodeError as exc:
             # json's messages end in " at" when they point at a position ("starting at")
             where = "column" if exc.msg.endswith(" at") else "at column"
-            bad.report(self.path, line_no, f"malformed JSON: {exc.msg} {where} {exc.colno}")
+            bad.report(self.path, self.absolute_line(line_no), f"malformed JSON: {exc.msg} {where} {exc.colno}")
             return None
         if not isinstance(obj, dict):
-            bad.report(self.path, line_no, f"expected a JSON object, got {type(obj).__name__}")
+            bad.report(self.path, self.absolute_line(line_no), f"expected a JSON object, got {type(obj).__name__}")
             return None
         values = []
         for key in keys:
             if key not in obj:
                 present = ", ".join(repr(k) for k in list(obj)[:10])
-                bad.report(self.path, line_no, f"missing key {key!r} (keys present: {present or 'none'})")
+                bad.report(self.path, self.absolute_line(line_no), f"missing key {key!r} (keys present: {present or 'none'})")
                 return None
             value = obj[key]
             if type(value) is not str:
                 problem = value_problem(key, value)
                 if problem:
-                    bad.report(self.path, line_no, problem)
+                    bad.report(self.path, self.absolute_line(line_no), problem)
                     return None
             values.append(value)
         if b"\\ud" in line or b"\\uD" in line:  # only a \u escape can produce a surrogate
             for key, value in zip(keys, values):
                 problem = surrogate_problem(key, value)
                 if problem:
-                    bad.report(self.path, line_no, problem)
+                    bad.report(self.path, self.absolute_line(line_no), problem)
                     return None
         return values
 
@@ -182,9 +230,28 @@ def _is_data_file(name: str) -> bool:
     return not name.startswith(".") and lower.endswith(known)
 
 
+def read_input_list(path: str) -> List[str]:
+    """The inputs named in a list file (`--input @list.txt`): one file, folder or glob per line;
+    blank lines and lines starting with # are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except FileNotFoundError:
+        raise InputError(f"--input @{path}: list file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--input @{path}: cannot read the list file: {exc}") from None
+    if not entries:
+        raise InputError(f"--input @{path}: the list file names no inputs")
+    base = os.path.dirname(os.path.abspath(path))  # relative entries are relative to the list file
+    return [e if os.path.isabs(e) else os.path.join(base, e) for e in entries]
+
+
 def open_inputs(spec: str) -> List[InputSource]:
-    """Readers for `--input`: a file, a glob pattern, a `save_to_disk` folder or a folder of data
-    files (taken in sorted name order, so runs are reproducible)."""
+    """Readers for `--input`: a file, a glob pattern, a `save_to_disk` folder, a folder of data
+    files (taken in sorted name order, so runs are reproducible) or `@list.txt`, a file listing
+    any of these one per line (taken in the list's order)."""
+    if spec.startswith("@") and not os.path.exists(spec):
+        return [source for entry in read_input_list(spec[1:]) for source in open_inputs(entry)]
     if os.path.isdir(spec):
         saved = _saved_dataset_files(spec)
         if saved is not None:
@@ -205,8 +272,9 @@ class InputReader:
     """All sources of `--input` in order, as one stream of batches, with a global record count
     (partition routing) and the on-disk progress used for the ETA."""
 
-    def __init__(self, spec: str, keys: Sequence[str], batch_bytes: int, bad: BadRecords) -> None:
-        self.sources = open_inputs(spec)
+    def __init__(self, spec: str, keys: Sequence[str], batch_bytes: int, bad: BadRecords,
+                 sources: Optional[List[InputSource]] = None) -> None:
+        self.sources = sources if sources is not None else open_inputs(spec)
         self.keys = list(keys)
         self.batch_bytes = batch_bytes
         self.bad = bad

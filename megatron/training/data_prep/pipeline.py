@@ -29,7 +29,7 @@ from megatron.core.datasets.indexed_dataset import (
 )
 from megatron.training.data_prep.encode import BatchEncoder, EncodedKey, TokenizeError, configure_thread_pool, has_fast_batch
 from megatron.training.data_prep.executor import InProcessExecutor, ProcessExecutor, WorkUnit, fork_available
-from megatron.training.data_prep.inputs import BadRecords, InputReader, RecordBatch
+from megatron.training.data_prep.inputs import BadRecords, InputReader, InputSource, RecordBatch
 from megatron.training.data_prep.progress import Progress
 from megatron.training.data_prep.sentences import SentenceSplitter, load_sentence_splitter
 
@@ -156,7 +156,7 @@ def _recover(encoder: BatchEncoder, unit: WorkUnit, error: TokenizeError, bad: B
     encode the rest of the batch here."""
     while True:
         batch: RecordBatch = unit.batch
-        bad.report(batch.source, batch.line_numbers[error.position], str(error))
+        bad.report(batch.source, batch.file_line(error.position), str(error))
         keep = [i for i in range(len(batch)) if i != error.position]
         unit = WorkUnit(unit.partition, batch.select(keep))
         try:
@@ -170,9 +170,11 @@ def preprocess(
     tokenizer,
     splitter: Optional[SentenceSplitter] = None,
     stream: Optional[TextIO] = None,
+    sources: Optional[List[InputSource]] = None,
 ) -> PreprocessResult:
     """Tokenize `config.input` into one `.bin/.idx` pair per key. Everything that can be checked
-    (flags, sentence model, input files and columns) is checked before any file is created."""
+    (flags, sentence model, input files and columns) is checked before any file is created.
+    `sources` replaces the readers `config.input` names (one unit of a sharded run)."""
     config.validate()
     stream = stream or sys.stderr
     keys = list(config.json_keys)
@@ -186,7 +188,7 @@ def preprocess(
     if config.executor != "auto":
         use_processes = config.executor == "processes" and workers > 1 and fork_available()
     batch_bytes = max(64 << 10, config.batch_bytes // workers) if use_processes else config.batch_bytes
-    reader = InputReader(config.input, keys, batch_bytes, bad)
+    reader = InputReader(config.input, keys, batch_bytes, bad, sources)
     dtype = np.dtype(optimal_dtype(tokenizer.vocab_size))
     partitions = 1 if config.keep_sequential_samples else config.partitions  # contiguous chunks keep input order
     finals = {key: output_prefix_for(config.output_prefix, key, config.split_sentences) for key in keys}

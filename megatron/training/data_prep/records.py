@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 Value = Any  # a str or a list of str once validated
 
@@ -29,6 +29,12 @@ class RecordBatch:
     global_indices: List[int]  # 0-based position among all lines of all inputs (partition routing)
     nbytes: int  # input bytes this batch consumed (decompressed for JSON lines)
     position: int = 0  # on-disk bytes of all inputs consumed up to the end of this batch (ETA)
+    absolute_line: Optional[Callable[[int], int]] = None  # line number in the file, for a byte range
+
+    def file_line(self, position: int) -> int:
+        """Line number in `source` of record `position` (for messages)."""
+        line = self.line_numbers[position]
+        return self.absolute_line(line) if self.absolute_line is not None else line
 
     def __len__(self) -> int:
         return len(self.line_numbers)
@@ -43,6 +49,7 @@ class RecordBatch:
             global_indices=[self.global_indices[i] for i in positions],
             nbytes=int(self.nbytes * share),
             position=self.position,
+            absolute_line=self.absolute_line,
         )
 
 
