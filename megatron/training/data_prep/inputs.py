@@ -112,12 +112,20 @@ class JsonLinesSource(InputSource):
                     if self.byte_range is not None:
                         batch.absolute_line = self.absolute_line
                     columns = [batch.values[k] for k in keys]
-                    for line in lines:
+                    for i in range(len(lines)):
+                        line, lines[i] = lines[i], None  # the bytes go as soon as they are decoded
                         line_no += 1
                         batch.nbytes += len(line)
                         if not line.strip():
                             continue  # blank lines are not documents
-                        record = self._parse(line, keys, line_no, bad)
+                        try:
+                            text = line.decode("utf-8")
+                        except UnicodeDecodeError as exc:
+                            bad.report(self.path, self.absolute_line(line_no), f"invalid UTF-8 (byte {exc.start} of the line)")
+                            continue
+                        line = None
+                        record = self._parse(text, keys, line_no, bad)
+                        text = None
                         if record is None:
                             continue
                         for column, value in zip(columns, record):
@@ -133,12 +141,9 @@ class JsonLinesSource(InputSource):
                 self._raw = None
         self.records_seen = line_no
 
-    def _parse(self, line: bytes, keys: Sequence[str], line_no: int, bad: BadRecords) -> Optional[List[Value]]:
+    def _parse(self, line: str, keys: Sequence[str], line_no: int, bad: BadRecords) -> Optional[List[Value]]:
         try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            bad.report(self.path, self.absolute_line(line_no), f"invalid UTF-8 (byte {exc.start} of the line)")
-            return None
+            obj = json.loads(line)
         except json.JSONDecodeError as exc:
             # json's messages end in " at" when they point at a position ("starting at")
             where = "column" if exc.msg.endswith(" at") else "at column"
@@ -160,7 +165,7 @@ class JsonLinesSource(InputSource):
                     bad.report(self.path, self.absolute_line(line_no), problem)
                     return None
             values.append(value)
-        if b"\\ud" in line or b"\\uD" in line:  # only a \u escape can produce a surrogate
+        if "\\ud" in line or "\\uD" in line:  # only a \u escape can produce a surrogate
             for key, value in zip(keys, values):
                 problem = surrogate_problem(key, value)
                 if problem:
