@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron.core import communication as comm
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.parallel_state import ParallelState
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -82,6 +83,7 @@ class _Run:
         self.scheduler, self.iterators, self.logger = scheduler, iterators, logger
         self.iteration, self.consumed, self.forward_step, self.rank = iteration, consumed, forward_step, rank
         self.schedule = get_forward_backward_func(run.parallel.pipeline_model_parallel_size)
+        self.torch_device = next(stage.model.parameters()).device  # where this rank's collectives run
         self.sigterm = False
         self.start_time = time.time()
         self.loss_history: List[Dict[str, Any]] = []  # one entry per iteration run by this process
@@ -112,7 +114,7 @@ class _Run:
         names = list(reported[0])
         stacked = torch.stack([torch.stack([r[n].float() for n in names]) for r in reported]).mean(0)
         if self.state.size("dp") > 1:
-            dist.all_reduce(stacked, group=self.state.group("dp"))
+            comm.all_reduce(stacked, group=self.state.group("dp"))
             stacked /= self.state.size("dp")
         return dict(zip(names, stacked.tolist()))
 
@@ -254,13 +256,6 @@ def setup(run: RunConfig, rank: int, local_rank: int, forward_step: ForwardStep)
     return _Run(run, state, device, stage, scheduler, iterators, logger, iteration, consumed, forward_step, rank)
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when it is True on any (exit decisions must agree)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _exit_reason(r: _Run) -> Optional[str]:
@@ -273,7 +268,7 @@ def _exit_reason(r: _Run) -> Optional[str]:
     local = r.sigterm or bool(t.kill_switch_file and os.path.exists(t.kill_switch_file))
     if t.exit_duration_in_mins and (time.time() - r.start_time) / 60 > t.exit_duration_in_mins:
         local = True
-    return "signal, kill switch or duration" if _any_rank(local) else None
+    return "signal, kill switch or duration" if comm.any_rank(local, r.torch_device) else None
 
 
 class _Profiler:

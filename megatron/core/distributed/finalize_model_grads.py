@@ -23,6 +23,8 @@ from typing import List, Sequence, Union
 
 import torch
 import torch.distributed as dist
+
+from megatron.core import communication as comm
 from torch import nn
 
 from megatron.core.distributed.ddp import DistributedDataParallel, main_grad, unwrap_model
@@ -42,7 +44,7 @@ def _coalesced_all_reduce(grads: List[torch.Tensor], group: Group) -> None:
     for dtype in sorted(by_dtype, key=str):
         same = by_dtype[dtype]
         flat = torch.cat([g.reshape(-1) for g in same])
-        dist.all_reduce(flat, group=group)
+        comm.all_reduce(flat, group=group)
         offset = 0
         for g in same:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -81,7 +83,7 @@ def allreduce_shared_embedding_grads(model_chunks: Sequence[ModelChunk], paralle
     # int32 (every backend reduces it): tensor count and element count modulo 2^30, as max and -min.
     mine = [len(grads), numel % 2**30]
     extremes = torch.tensor(mine + [-v for v in mine], dtype=torch.int32, device=device)
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    comm.all_reduce(extremes, group=group, op=dist.ReduceOp.MAX)
     high, low = extremes[:2].tolist(), [-v for v in extremes[2:].tolist()]
     if high != low:
         raise ValueError(

@@ -31,6 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+
+from megatron.core import communication as comm
 from torch import Tensor, nn
 
 from megatron.core.tensor_parallel.mappings import Group, group_rank, group_size
@@ -187,10 +189,9 @@ class GradBuffer:
         if self.distributed_optimizer and self._native(data):
             lo, hi = bucket.shard(self.rank, self.size)
             out = self.grad_data[lo:hi]
-            fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-            bucket.handle = fn(out, data, op=op, group=self.group, async_op=async_op)
+            bucket.handle = comm.reduce_scatter_tensor(out, data, group=self.group, op=op, async_op=async_op)
         else:
-            bucket.handle = dist.all_reduce(data, op=op, group=self.group, async_op=async_op)
+            bucket.handle = comm.all_reduce(data, group=self.group, op=op, async_op=async_op)
 
     def launch_remaining(self, async_op: bool) -> None:
         """Launch, in bucket order (identical on every rank), every bucket not launched yet."""
@@ -228,9 +229,8 @@ class GradBuffer:
             data = self.param_data[bucket.start : bucket.end]
             lo, hi = bucket.shard(self.rank, self.size)
             if self._native(data):
-                fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-                fn(data, self.param_data[lo:hi], group=self.group)
+                comm.all_gather_into_tensor(data, self.param_data[lo:hi], group=self.group)
             else:
                 # gloo: list all-gather straight into the bucket's (contiguous) per-rank chunks.
                 chunks = list(data.chunk(self.size))
-                dist.all_gather(chunks, self.param_data[lo:hi].clone(), group=self.group)
+                comm.all_gather(chunks, self.param_data[lo:hi].clone(), group=self.group)

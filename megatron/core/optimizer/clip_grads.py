@@ -22,7 +22,8 @@ import math
 from typing import Callable, List, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
+
+from megatron.core import communication as comm
 from torch import Tensor, nn
 
 from megatron.core.parallel_state import ParallelState
@@ -44,7 +45,7 @@ def counts_in_norm(param: nn.Parameter, parallel_state: ParallelState) -> bool:
 def _all_reduce(tensor: Tensor, parallel_state: ParallelState, kind: str) -> None:
     group = parallel_state.group(kind)
     if group_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
+        comm.all_reduce(tensor, group=group)
 
 
 def reduce_over_model(

@@ -17,11 +17,12 @@ posted, which both sides of the schedule keep identical.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from megatron.core import communication as comm
 from megatron.core.parallel_state import ParallelState
 
 
@@ -108,22 +109,22 @@ class P2PCommunicator:
         A requested transfer with no peer (previous of stage 0, next of the last stage) is skipped
         and its received value is None.
         """
-        ops: List[dist.P2POp] = []
+        ops: List[Any] = []
         from_prev = from_next = None
         # Fixed posting order (sends to prev, recv from prev, sends to next, recv from next); the
         # peer's matching ops come from its own call, so pairs match regardless of this order.
         if send_prev is not None and self.prev_rank is not None:
-            ops.append(dist.P2POp(dist.isend, self._check(send_prev, "gradient sent backward"), self.prev_rank, self.group))
+            ops.append(comm.p2p_op("send", self._check(send_prev, "gradient sent backward"), self.prev_rank, self.group))
         if recv_prev and self.prev_rank is not None:
             from_prev = self._empty()
-            ops.append(dist.P2POp(dist.irecv, from_prev, self.prev_rank, self.group))
+            ops.append(comm.p2p_op("recv", from_prev, self.prev_rank, self.group))
         if send_next is not None and self.next_rank is not None:
-            ops.append(dist.P2POp(dist.isend, self._check(send_next, "activation sent forward"), self.next_rank, self.group))
+            ops.append(comm.p2p_op("send", self._check(send_next, "activation sent forward"), self.next_rank, self.group))
         if recv_next and self.next_rank is not None:
             from_next = self._empty()
-            ops.append(dist.P2POp(dist.irecv, from_next, self.next_rank, self.group))
+            ops.append(comm.p2p_op("recv", from_next, self.next_rank, self.group))
         if ops:
-            for work in dist.batch_isend_irecv(ops):
+            for work in comm.batch_isend_irecv(ops):
                 work.wait()
         return from_prev, from_next
 

@@ -21,6 +21,8 @@ from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from megatron.core import communication as comm
 from torch import Tensor
 
 from megatron.core.tensor_parallel.mappings import Group, group_rank, group_size
@@ -40,7 +42,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         logits_max = logits.amax(dim=-1)
         if tp > 1:
-            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+            comm.all_reduce(logits_max, group=group, op=dist.ReduceOp.MAX)
         shifted = logits - logits_max.unsqueeze(-1)  # new tensor: the caller's logits stay untouched
 
         # Targets owned by another rank (or outside the vocabulary) contribute 0 here.
@@ -53,7 +55,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if tp > 1:
             # One collective for both [..]-shaped sums.
             both = torch.stack([target_logit, sum_exp])
-            dist.all_reduce(both, group=group)
+            comm.all_reduce(both, group=group)
             target_logit, sum_exp = both[0], both[1]
 
         loss = torch.log(sum_exp) - target_logit

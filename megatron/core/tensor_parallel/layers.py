@@ -30,8 +30,9 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from megatron.core import communication as comm
 from torch import Tensor, nn
 
 from megatron.core.tensor_parallel.mappings import (
@@ -317,7 +318,7 @@ def allreduce_sequence_parallel_grads(params: Iterable[nn.Parameter], group: Gro
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all of them
-    dist.all_reduce(flat, group=group)
+    comm.all_reduce(flat, group=group)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))

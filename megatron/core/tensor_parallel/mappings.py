@@ -27,6 +27,8 @@ from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from megatron.core import communication as comm
 from torch import Tensor
 
 Group = Optional[dist.ProcessGroup]
@@ -57,14 +59,11 @@ def _uses_native_collectives(tensor: Tensor, group: Group) -> bool:
 
 
 def _reduce_scatter_single(output: Tensor, input_: Tensor, group: Group) -> None:
-    # Newer torch renames reduce_scatter_tensor to reduce_scatter_single (the old name warns).
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(output, input_, group=group)
+    comm.reduce_scatter_tensor(output, input_, group=group)
 
 
 def _all_gather_single(output: Tensor, input_: Tensor, group: Group) -> None:
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(output, input_, group=group)
+    comm.all_gather_into_tensor(output, input_, group=group)
 
 
 def _check_divisible(size: int, world: int, dim: int, what: str) -> None:
@@ -101,7 +100,7 @@ def all_gather_along_dim(tensor: Tensor, dim: int, group: Group, native: Optiona
         _all_gather_single(out, front, group)
         return out.movedim(0, dim).contiguous()
     parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
+    comm.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
 
 
@@ -128,7 +127,7 @@ def reduce_scatter_along_dim(tensor: Tensor, dim: int, group: Group, native: Opt
         _reduce_scatter_single(out, front, group)
         return out.movedim(0, dim).contiguous()
     summed = tensor.clone(memory_format=torch.contiguous_format)  # all_reduce is in place; keep the input intact
-    dist.all_reduce(summed, group=group)
+    comm.all_reduce(summed, group=group)
     return summed.chunk(world, dim=dim)[group_rank(group)].contiguous()
 
 
@@ -137,7 +136,7 @@ def all_reduce(tensor: Tensor, group: Group) -> Tensor:
     if group_size(group) == 1:
         return tensor
     out = tensor.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, group=group)
+    comm.all_reduce(out, group=group)
     return out
 
 

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from megatron.core import communication as comm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -259,7 +260,7 @@ class DeepSeekModel(nn.Module):
             return 0
         loads = torch.stack([r.local_tokens_per_expert for r in routers])  # [routers, E] fp32
         for group in self.parallel.router_load_groups:
-            dist.all_reduce(loads, group=group)
+            comm.all_reduce(loads, group=group)
         for router, load in zip(routers, loads):
             router.update_expert_bias(load)
         return len(routers)

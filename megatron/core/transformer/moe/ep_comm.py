@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
+
+from megatron.core import communication as comm
 from torch import Tensor
 
 from megatron.core.tensor_parallel.mappings import Group, group_size
@@ -44,7 +45,7 @@ def _launch(x: Tensor, group: Group, output_splits: Splits, input_splits: Splits
         raise ValueError(f"equal-split all_to_all needs rows ({x.shape[0]}) divisible by the group size")
     x = x.contiguous()
     out = _output_buffer(x, output_splits)
-    work = dist.all_to_all_single(
+    work = comm.all_to_all_single(
         out, x, output_split_sizes=output_splits, input_split_sizes=input_splits, group=group, async_op=async_op
     )
     return out, work
