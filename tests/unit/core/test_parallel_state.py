@@ -1,14 +1,11 @@
 """Rank grid arithmetic, layout validation, and real gloo groups built from it."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron.core.parallel_state import ParallelConfig, ParallelState, RankGrid, validate_layout_for_model
+from tests.dist_utils import spawn
 
 
 def grid(world, tp=1, pp=1, ep=1, etp=None):
@@ -80,33 +77,21 @@ def test_single_process_state_without_distributed():
     assert state.is_first_stage and state.is_last_stage
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        state = ParallelState.build(ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2, expert_tensor_parallel_size=1))
-        out = {}
-        for kind in ("tp", "dp", "ep", "edp"):
-            # Sum of (rank + 1) over the group proves the group holds exactly the expected ranks.
-            t = torch.tensor([float(rank + 1)])
-            dist.all_reduce(t, group=state.group(kind))
-            out[kind] = (state.ranks[kind], t.item())
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world):
+    state = ParallelState.build(ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2, expert_tensor_parallel_size=1))
+    out = {}
+    for kind in ("tp", "dp", "ep", "edp"):
+        # Sum of (rank + 1) over the group proves the group holds exactly the expected ranks.
+        t = torch.tensor([float(rank + 1)])
+        dist.all_reduce(t, group=state.group(kind))
+        out[kind] = (state.ranks[kind], t.item())
+    return out
 
 
 @pytest.mark.slow
 def test_real_gloo_groups_match_the_grid():
     world = 4
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), results), nprocs=world, join=True)
+    results = spawn(world, _worker)
     g = grid(world, tp=2, ep=2, etp=1)
     for rank in range(world):
         for kind, (ranks, total) in results[rank].items():

@@ -9,15 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.dist_utils import free_port
+
 REPO = Path(__file__).resolve().parents[3]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _corpus(path: Path, docs: int = 300) -> None:
@@ -50,7 +44,7 @@ def test_pretrain_two_ranks_loss_falls(tmp_path):
                     "--tokenizer-model", str(tok_dir), "--append-eod", "--workers", "1"],
                    check=True, env=env, cwd=REPO, timeout=120)
     tb = tmp_path / "tb"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "pretrain_gpt.py"),
            "--model-preset", "tiny", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-layers", "2",
            "--moe-ffn-hidden-size", "32", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",

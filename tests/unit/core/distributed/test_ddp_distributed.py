@@ -12,20 +12,16 @@ A second process group (world 4, TP2 x DP2) checks that summing SP grads over TP
 reduce-scatter is exact on every rank's distributed-optimizer shard.
 """
 
-import os
-import socket
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from megatron.core.distributed import DDPConfig, DistributedDataParallel, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, build_optimizer
 from megatron.core.parallel_state import ParallelConfig, ParallelState
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, reduce_scatter_to_sequence_parallel_region
+from tests.dist_utils import spawn
 
 WORLD, STEPS, MICRO, ROWS = 2, 3, 2, 2  # per rank and micro-batch
 LRS = (1e-2, 5e-3, 2e-3)
@@ -238,39 +234,23 @@ def check_sp_after_dp_reduce_scatter(rank):
         assert checked > 0
 
 
-def _worker_tp2_dp2(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+def _worker_tp2_dp2(rank, world):
     torch.set_num_threads(1)
-    try:
-        check_sp_after_dp_reduce_scatter(rank)
-    finally:
-        dist.destroy_process_group()
+    check_sp_after_dp_reduce_scatter(rank)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+def _worker(rank, world):
     torch.set_num_threads(1)
-    try:
-        check_dp2(ParallelState.build(ParallelConfig()))
-        check_ep2(ParallelState.build(ParallelConfig(expert_model_parallel_size=2)))
-        check_sp_and_shared_embedding(rank)
-    finally:
-        dist.destroy_process_group()
+    check_dp2(ParallelState.build(ParallelConfig()))
+    check_ep2(ParallelState.build(ParallelConfig(expert_model_parallel_size=2)))
+    check_sp_and_shared_embedding(rank)
 
 
 @pytest.mark.slow
 def test_data_parallel_training_matches_single_process():
-    mp.spawn(_worker, args=(WORLD, _free_port()), nprocs=WORLD, join=True)
+    spawn(WORLD, _worker, timeout_s=60)
 
 
 @pytest.mark.slow
 def test_sequence_parallel_sum_after_dp_reduce_scatter_tp2_dp2():
-    mp.spawn(_worker_tp2_dp2, args=(4, _free_port()), nprocs=4, join=True)
+    spawn(4, _worker_tp2_dp2, timeout_s=60)

@@ -7,14 +7,9 @@ compares its loss and every gradient (relative error of the norm < 1e-6, fp32).
 """
 
 import contextlib
-import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron.core.parallel_state import ParallelConfig, ParallelState
 from megatron.core.pipeline_parallel import forward_backward_pipelining_1f1b, get_forward_backward_func, stage_layer_ranges
@@ -29,6 +24,7 @@ from tests.unit.core.pipeline_parallel.pp_toy_model import (
     rel_err,
     split_stage,
 )
+from tests.dist_utils import spawn
 
 TOL = 1e-6
 # (num_layers, first_stage_layers, last_stage_layers, num_microbatches, aux_coeff)
@@ -118,34 +114,22 @@ def _check_forward_only(state, m):
     return failures
 
 
-def _worker(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # A short timeout turns a schedule deadlock into an error instead of a hung test.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+def _worker(rank, world):
     failures = []
-    try:
-        for pp in (4, 2):
-            # Failures are recorded, not raised, so every rank keeps posting the same transfers.
-            state = ParallelState.build(ParallelConfig(pipeline_model_parallel_size=pp))
-            for case in CASES[pp]:
-                failures += _check_training(state, case)
-            failures += _check_forward_only(state, 3)
-    finally:
-        results[rank] = failures
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for pp in (4, 2):
+        # Failures are recorded, not raised, so every rank keeps posting the same transfers.
+        state = ParallelState.build(ParallelConfig(pipeline_model_parallel_size=pp))
+        for case in CASES[pp]:
+            failures += _check_training(state, case)
+        failures += _check_forward_only(state, 3)
+    return failures
 
 
 @pytest.mark.slow
 def test_1f1b_pp4_and_pp2_dp2_match_single_process():
     world = 4
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), results), nprocs=world, join=True)
-    assert sorted(results.keys()) == list(range(world))
+    # A short timeout turns a schedule deadlock into an error instead of a hung test.
+    results = spawn(world, _worker, timeout_s=60)
+    assert [rank for rank, r in enumerate(results) if r is not None] == list(range(world))
     failures = [f for rank in range(world) for f in results[rank]]
     assert not failures, "\n".join(failures)

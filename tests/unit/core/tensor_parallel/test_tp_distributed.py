@@ -3,17 +3,11 @@
 Each test spawns ONE process group and runs many checks inside it. Every rank knows every rank's
 inputs (they are drawn from a shared seed), so it computes the expected result locally with plain
 torch (nn.Linear, nn.Embedding, F.cross_entropy, sums and slices) and compares it with what the
-collectives produced. A failed assertion in any rank makes mp.spawn terminate the others and raise.
+collectives produced. A failed assertion in any rank makes spawn (tests.dist_utils) terminate the others and raise.
 """
-
-import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,6 +30,7 @@ from megatron.core.tensor_parallel import (
     shard_tensor,
     vocab_parallel_cross_entropy,
 )
+from tests.dist_utils import spawn
 
 TP = 2
 S, B, H_IN, H_OUT, VOCAB = 4, 2, 6, 8, 10
@@ -328,58 +323,40 @@ def check_rng(group, r):
 
 
 # ---- process plumbing ------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+def _worker_tp2(rank, world):
     torch.set_num_threads(1)
+    state = ParallelState.build(ParallelConfig(tensor_model_parallel_size=TP, sequence_parallel=True))
+    group, r = state.group("tp"), state.rank_in("tp")
+    check_mappings(group, r, seed=1)
+    check_collectives(group, r, seed=2)
+    check_column(group, r, seed=3)
+    check_row(group, r, seed=4)
+    check_embedding(group, r, seed=5)
+    check_sp_mlp(group, r, seed=6)
+    check_cross_entropy(group, r, seed=7)
+    check_init_and_errors(group, r, seed=8)
+    check_rng(group, r)
 
 
-def _worker_tp2(rank, world, port):
-    _init(rank, world, port)
-    try:
-        state = ParallelState.build(ParallelConfig(tensor_model_parallel_size=TP, sequence_parallel=True))
-        group, r = state.group("tp"), state.rank_in("tp")
-        check_mappings(group, r, seed=1)
-        check_collectives(group, r, seed=2)
-        check_column(group, r, seed=3)
-        check_row(group, r, seed=4)
-        check_embedding(group, r, seed=5)
-        check_sp_mlp(group, r, seed=6)
-        check_cross_entropy(group, r, seed=7)
-        check_init_and_errors(group, r, seed=8)
-        check_rng(group, r)
-    finally:
-        dist.destroy_process_group()
-
-
-def _worker_tp2_dp2(rank, world, port):
-    _init(rank, world, port)
-    try:
-        state = ParallelState.build(ParallelConfig(tensor_model_parallel_size=TP, sequence_parallel=True))
-        group, r = state.group("tp"), state.rank_in("tp")
-        assert state.size("dp") == 2
-        # Ranks 2 and 3 have global ranks != TP ranks: the layers must use the rank inside the group.
-        # Each DP replica uses different data, so a collective leaking across replicas would be caught.
-        seed = 100 + 10 * state.rank_in("dp")
-        check_collectives(group, r, seed)
-        check_sp_mlp(group, r, seed + 1)
-        check_embedding(group, r, seed + 2, sp_only=True)
-        check_cross_entropy(group, r, seed + 3)
-    finally:
-        dist.destroy_process_group()
+def _worker_tp2_dp2(rank, world):
+    torch.set_num_threads(1)
+    state = ParallelState.build(ParallelConfig(tensor_model_parallel_size=TP, sequence_parallel=True))
+    group, r = state.group("tp"), state.rank_in("tp")
+    assert state.size("dp") == 2
+    # Ranks 2 and 3 have global ranks != TP ranks: the layers must use the rank inside the group.
+    # Each DP replica uses different data, so a collective leaking across replicas would be caught.
+    seed = 100 + 10 * state.rank_in("dp")
+    check_collectives(group, r, seed)
+    check_sp_mlp(group, r, seed + 1)
+    check_embedding(group, r, seed + 2, sp_only=True)
+    check_cross_entropy(group, r, seed + 3)
 
 
 @pytest.mark.slow
 def test_tensor_parallel_world2_matches_single_process():
-    mp.spawn(_worker_tp2, args=(TP, _free_port()), nprocs=TP, join=True)
+    spawn(TP, _worker_tp2, timeout_s=60)
 
 
 @pytest.mark.slow
 def test_tensor_parallel_inside_tp2_x_dp2_groups():
-    mp.spawn(_worker_tp2_dp2, args=(4, _free_port()), nprocs=4, join=True)
+    spawn(4, _worker_tp2_dp2, timeout_s=60)

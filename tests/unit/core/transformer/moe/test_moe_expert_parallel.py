@@ -12,15 +12,12 @@ ranks is compared (what the DP gradient reduction does); expert shards are compa
 
 from __future__ import annotations
 
-import os
-import socket
-from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from tests.dist_utils import spawn
 from tests.unit.core.transformer.moe.moe_test_utils import tiny_config
 from tests.unit.core.transformer.moe.test_moe_token_dispatcher import _SyncDetector
 
@@ -225,40 +222,29 @@ def check_layout_errors(state: ParallelState) -> None:
 
 
 # ---- process plumbing ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank: int, port: int) -> ParallelState:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+def _init() -> ParallelState:
     torch.set_num_threads(1)
     state = ParallelState.build(ParallelConfig(expert_model_parallel_size=WORLD))
     assert state.size("ep") == WORLD and state.size("edp") == 1 and state.size("dp") == WORLD
     return state
 
 
-def _worker(rank: int, port: int) -> None:
-    state = _init(rank, port)
-    try:
-        r = state.rank_in("ep")
-        check_all_to_all_autograd(state.group("ep"), r)
-        for dispatcher in ("alltoall", "allgather"):
-            check_dropless(state, r, dispatcher)
-            check_token_drop(state, r, dispatcher)
-        check_no_host_sync(state, r)
-        check_layout_errors(state)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> None:
+    state = _init()
+    r = state.rank_in("ep")
+    check_all_to_all_autograd(state.group("ep"), r)
+    for dispatcher in ("alltoall", "allgather"):
+        check_dropless(state, r, dispatcher)
+        check_token_drop(state, r, dispatcher)
+    check_no_host_sync(state, r)
+    check_layout_errors(state)
 
 
 @pytest.mark.slow
 def test_ep2_matches_single_process_and_pad_never_syncs() -> None:
     """One gloo group of 2 ranks: equality of both dispatchers (dropless, drop, pad), bias-update loads,
     the differentiable all_to_all, and the host-sync proof of alltoall + pad_to_capacity."""
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    spawn(WORLD, _worker, timeout_s=60)
 
 
 # ---- single process -------------------------------------------------------------------------------------
