@@ -4,9 +4,11 @@ Files are `<dir>/<key>-<name>.npy`, where `key` hashes everything that determine
 so a change of data, split, seed, sequence length or sample count never reuses a stale index.
 
 * Writing: each array goes to a temporary file in the same directory (unique per process and
-  call), is flushed and fsynced, then `os.replace`d onto its final name. The rename is atomic, so
-  a reader sees either no file or a complete one, and concurrent writers of the same key (every
-  rank building at once) simply replace identical content.
+  call), then is `os.replace`d onto its final name. The rename is atomic, so a reader sees either
+  no file or a complete one, and concurrent writers of the same key (every rank building at once)
+  simply replace identical content. No fsync: a cache file that a power cut left empty or torn
+  fails to load or check and is rebuilt, and an fsync per file (~10 ms here) would make a blend
+  of a thousand datasets spend most of its start-up waiting on the disk.
 * Reading: arrays are memory-mapped (shared by dataloader workers through the page cache) and
   checked by the caller against their expected shapes, dtypes and value ranges; anything that
   fails to load or check is rebuilt and rewritten instead of crashing the run.
@@ -49,8 +51,6 @@ def _atomic_write(path: str, write: Callable[[Any], None], mode: str) -> None:
     try:
         with open(tmp, mode) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
