@@ -253,8 +253,8 @@ def _save(save_dir: str, iteration: int, chunks: List[nn.Module], optimizer: Any
     if rank == 0:
         try:
             pre = ("ok",) + _preflight(save_dir, iteration, allow_tracker_rewind)
-        except (CheckpointError, OSError) as exc:
-            pre = ("error", str(exc))
+        except Exception as exc:  # every rank waits for this answer
+            pre = ("error", str(exc) if isinstance(exc, (CheckpointError, OSError)) else f"{save_dir}: {type(exc).__name__}: {exc}")
     pre = _broadcast(pre)
     if pre[0] == "error":
         raise CheckpointError(pre[1])
@@ -266,8 +266,8 @@ def _save(save_dir: str, iteration: int, chunks: List[nn.Module], optimizer: Any
     problem = None
     try:
         items, offers, meta = shards.holdings(chunks, optimizer, _info(parallel_state))
-    except (ValueError, TypeError, NotImplementedError) as exc:
-        problem = f"{tmp}: rank {rank}: {exc}"
+    except Exception as exc:  # reported through the plan below: every rank must reach the gather
+        problem = f"{tmp}: rank {rank}: {type(exc).__name__}: {exc}"
     gathered = _gather((offers, meta, problem))
     plans: Optional[List[Any]] = None
     tensors: Dict[str, Tuple] = {}
@@ -292,8 +292,8 @@ def _save(save_dir: str, iteration: int, chunks: List[nn.Module], optimizer: Any
             text = json.dumps(io.rng_state_json(io.optional_device()))
             io.atomic_write_text(os.path.join(tmp, rel), text)
             result["rng"] = {rel: sha256_text(text)}
-    except (OSError, CheckpointError) as exc:
-        result["error"] = f"{tmp}: rank {rank} could not write its data: {exc}"
+    except Exception as exc:  # reported by rank 0 to all: every rank must reach the gather
+        result["error"] = f"{tmp}: rank {rank} could not write its data: {type(exc).__name__}: {exc}"
     results = _gather(result)
     status: Optional[str] = None
     if rank == 0:
@@ -304,8 +304,8 @@ def _save(save_dir: str, iteration: int, chunks: List[nn.Module], optimizer: Any
             common = _common(iteration, meta.get(None), scheduler_state, run_config, consumed, rng, extra)
             _finish(tmp, iteration, tensors, results, common, block_bytes)  # type: ignore[arg-type]
             _commit(save_dir, tmp, iteration, token)
-        except (CheckpointError, OSError, TypeError) as exc:
-            status = str(exc)
+        except Exception as exc:  # every rank waits for this answer
+            status = str(exc) if isinstance(exc, (CheckpointError, OSError)) else f"{tmp}: {type(exc).__name__}: {exc}"
     status = _broadcast(status)
     if status:
         raise CheckpointError(status)
