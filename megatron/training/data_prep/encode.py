@@ -63,30 +63,56 @@ def _packed(ids: Sequence[int], dtype: np.dtype) -> np.ndarray:
         raise ValueError(f"token id does not fit the output dtype {np.dtype(dtype)}: {exc}") from exc
 
 
+class TokenPieces(list):
+    """The ids of one long text as a list of arrays of the output dtype, never concatenated on
+    their own: `assemble` copies them once, straight into the batch's output array."""
+
+    def __len__(self) -> int:  # tokens, not pieces, so that it counts like an id list
+        return sum(int(piece.size) for piece in self)
+
+    @property
+    def pieces(self) -> int:
+        return list.__len__(self)
+
+
+IdSequence = Union[Sequence[int], TokenPieces]
+
+
+def _fill(ids: Sequence[IdSequence], sent_lens: np.ndarray, eod_after: np.ndarray, eod: int, dtype: np.dtype) -> np.ndarray:
+    """All tokens in order with eod after the sentences flagged in `eod_after`, written once into
+    one array (a 200 MB document is not copied again for its eod)."""
+    out = np.empty(int(sent_lens.sum()) + int(eod_after.sum()), dtype=dtype)
+    pos = 0
+    for ids_s, n, add_eod in zip(ids, sent_lens.tolist(), eod_after.tolist()):
+        if isinstance(ids_s, TokenPieces):
+            for piece in ids_s:
+                out[pos : pos + piece.size] = piece
+                pos += piece.size
+        elif n:
+            out[pos : pos + n] = _packed(ids_s, dtype)
+            pos += n
+        if add_eod:
+            out[pos] = eod
+            pos += 1
+    assert pos == out.size
+    return out
+
+
 def assemble(
-    ids: Sequence[Union[Sequence[int], np.ndarray]],
+    ids: Sequence[IdSequence],
     sentences_per_doc: Optional[np.ndarray],
     eod: int,
     append_eod: bool,
     dtype: np.dtype,
 ) -> EncodedKey:
-    """Pack token id lists (one per sentence, documents in order; long texts already as numpy
-    arrays of `dtype`) into numpy arrays.
+    """Pack token id lists (one per sentence, documents in order; long texts as TokenPieces)
+    into numpy arrays.
 
     `sentences_per_doc` is None when every document is exactly one sentence (the common,
     fastest path). Empty sentences are dropped; eod goes after each non-empty document.
     """
     n_sent = len(ids)
     sent_lens = np.fromiter(map(len, ids), dtype=np.int64, count=n_sent)
-    total = int(sent_lens.sum())
-    if any(isinstance(x, np.ndarray) for x in ids):
-        flat = np.concatenate([x if isinstance(x, np.ndarray) else _packed(x, dtype) for x in ids]) if ids else \
-            np.zeros(0, dtype=dtype)
-    else:
-        try:
-            flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=total)
-        except (OverflowError, ValueError) as exc:
-            raise ValueError(f"token id does not fit the output dtype {np.dtype(dtype)}: {exc}") from exc
     keep = sent_lens > 0
     kept_lens = sent_lens[keep]
     if sentences_per_doc is None:
@@ -95,10 +121,20 @@ def assemble(
         doc_of_sentence = np.repeat(np.arange(len(sentences_per_doc)), sentences_per_doc)
         kept_per_doc = np.bincount(doc_of_sentence[keep], minlength=len(sentences_per_doc)).astype(np.int64)
     doc_ends = np.cumsum(kept_per_doc)
-    if append_eod and kept_lens.size:
-        last_seq = doc_ends[kept_per_doc > 0] - 1  # last kept sequence of each non-empty document
-        token_ends = np.cumsum(kept_lens)[last_seq]  # insert eod right after it
-        flat = np.insert(flat, token_ends, np.asarray(eod, dtype=dtype))
+    last_seq = doc_ends[kept_per_doc > 0] - 1 if append_eod and kept_lens.size else np.zeros(0, dtype=np.int64)
+    if any(isinstance(x, TokenPieces) for x in ids):
+        eod_after = np.zeros(n_sent, dtype=bool)
+        eod_after[np.flatnonzero(keep)[last_seq]] = True  # last kept sentence of each non-empty document
+        flat = _fill(ids, sent_lens, eod_after, eod, dtype)
+    else:
+        try:
+            flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(sent_lens.sum()))
+        except (OverflowError, ValueError) as exc:
+            raise ValueError(f"token id does not fit the output dtype {np.dtype(dtype)}: {exc}") from exc
+        if last_seq.size:
+            token_ends = np.cumsum(kept_lens)[last_seq]  # insert eod right after it
+            flat = np.insert(flat, token_ends, np.asarray(eod, dtype=dtype))
+    if last_seq.size:
         kept_lens = kept_lens.copy()
         kept_lens[last_seq] += 1
     return EncodedKey(flat, kept_lens.astype(np.int32), doc_ends)
@@ -137,28 +173,27 @@ class BatchEncoder:
             counts[i] = len(parts)
         return texts, counts
 
-    def _tokenize_long(self, text: str) -> Union[List[int], np.ndarray]:
-        """The ids of one long text, as an array of the output dtype built piece by piece."""
+    def _tokenize_long(self, text: str) -> IdSequence:
+        """The ids of one long text, packed into the output dtype piece by piece."""
         pieces = self.tokenizer.tokenize_pieces(text, PIECE_CHARS)
         if pieces is None:  # this tokenizer cannot cut text without changing ids
             return self.tokenizer.tokenize(text)
-        arrays = [_packed(piece, self.dtype) for piece in pieces]
-        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=self.dtype)
+        return TokenPieces(_packed(piece, self.dtype) for piece in pieces)
 
-    def _tokenize_all(self, texts: List[str]) -> List[Union[List[int], np.ndarray]]:
+    def _tokenize_all(self, texts: List[str]) -> List[IdSequence]:
         long = [i for i, t in enumerate(texts) if len(t) > LONG_TEXT_CHARS]
         if not long:
             return self.tokenizer.tokenize_batch(texts)
         is_long = set(long)
         short = [i for i in range(len(texts)) if i not in is_long]
-        out: List[Union[List[int], np.ndarray]] = [[] for _ in texts]
+        out: List[IdSequence] = [[] for _ in texts]
         for i, ids in zip(short, self.tokenizer.tokenize_batch([texts[i] for i in short]) if short else []):
             out[i] = ids
         for i in long:
             out[i] = self._tokenize_long(texts[i])
         return out
 
-    def _tokenize(self, texts: List[str], owners: Optional[np.ndarray]) -> List[Union[List[int], np.ndarray]]:
+    def _tokenize(self, texts: List[str], owners: Optional[np.ndarray]) -> List[IdSequence]:
         try:
             return self._tokenize_all(texts)
         except Exception as batch_error:  # find the record to name it

@@ -56,3 +56,18 @@ def test_long_documents_in_pieces_are_byte_identical(golden_dir, tmp_path, monke
     for ext in (".bin", ".idx"):
         whole = (tmp_path / f"whole_text_document{ext}").read_bytes()
         assert whole == (tmp_path / f"pieces_text_document{ext}").read_bytes(), ext
+
+
+@pytest.mark.parametrize("append_eod", [False, True])
+def test_assemble_with_token_pieces_equals_lists(append_eod):
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    ids = [list(rng.integers(1, 500, size=int(rng.integers(0, 6)))) for _ in range(40)]
+    per_doc = np.array([4] * 10)
+    expected = encode.assemble(ids, per_doc, 3, append_eod, np.dtype(np.uint16))
+    mixed = [encode.TokenPieces([np.array(x[:2], np.uint16), np.array(x[2:], np.uint16)]) if i % 3 == 0 else x
+             for i, x in enumerate(ids)]
+    got = encode.assemble(mixed, per_doc, 3, append_eod, np.dtype(np.uint16))
+    assert got.tokens.tolist() == expected.tokens.tolist()
+    assert got.lengths.tolist() == expected.lengths.tolist() and got.doc_ends.tolist() == expected.doc_ends.tolist()
