@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Tuple
 
 from megatron.core.config import DeepSeekConfig
 from megatron.training.planning.layout import Layout
@@ -99,20 +99,30 @@ def dense_mlp(c: DeepSeekConfig, lay: Layout) -> Breakdown:
     return out
 
 
-def expert_rows(c: DeepSeekConfig, lay: Layout) -> float:
-    """Rows handed to one rank's experts per MoE layer and micro-batch (see module docstring)."""
+def expert_rows(c: DeepSeekConfig, lay: Layout) -> Tuple[float, float]:
+    """(rows of the buffer handed to one rank's experts, rows the experts compute) per MoE layer
+    and micro-batch.
+
+    Buffer: T k for one device (dropped assignments stay at its tail), the kept rows for the
+    all-to-all dispatcher (balanced routing), W T min(k, E/EP) for the all-gather one (a static
+    size), E C slots with padding to capacity. Computed: every buffer row with grouped GEMM or
+    the padded batched GEMM; only the valid rows (about T k, or the kept ones) with the per-expert
+    loop that --moe-grouped-gemm off and devices without grouped GEMM use.
+    """
     moe = c.moe
     tm, k, e = lay.local_tokens, moe.topk, moe.num_experts
     ep = lay.ep
-    e_local = e // ep
     cap = None if moe.capacity_factor is None else max(1, math.ceil(tm * k / e * moe.capacity_factor))
     if moe.pad_to_capacity and cap is not None:
-        return e * cap  # E_local x (EP x C) slots (EP = 1: E x C)
-    if ep > 1 and lay.dispatcher == "allgather":
-        return ep * tm * min(k, e_local)
+        return e * cap, e * cap  # E_local x (EP x C) slots (EP = 1: E x C)
     kept = tm * k if cap is None else min(tm * k, e * cap)
-    # One device keeps a static [T k] buffer (dropped rows at its tail); all-to-all sends kept rows.
-    return tm * k if ep == 1 else kept
+    if ep > 1 and lay.dispatcher == "allgather":
+        buffer = ep * tm * min(k, e // ep)
+    elif ep > 1:
+        buffer = kept  # all-to-all sends only kept rows
+    else:
+        buffer = tm * k
+    return buffer, (buffer if lay.grouped_gemm else kept)
 
 
 def moe_mlp(c: DeepSeekConfig, lay: Layout) -> Breakdown:
@@ -137,12 +147,12 @@ def moe_mlp(c: DeepSeekConfig, lay: Layout) -> Breakdown:
     if moe.z_loss_coeff:
         router += 4 * tm * e
     out.add("moe_router", router)
-    n = expert_rows(c, lay)
+    n, computed = expert_rows(c, lay)
     world = lay.ep if lay.ep > 1 and lay.dispatcher == "allgather" else 1
     # Rows entering the experts (kept by the first GEMM) and the permutation indices.
     out.add("moe_dispatch", p * n * h + INDEX_BYTES * tm * k + (2 * n if world > 1 else 0), p * n * h)
     # gate/up GEMM output (2I), silu output (I), product (I).
-    out.add("moe_experts", 4 * p * n * moe.ffn_hidden_size, 2 * p * n * moe.ffn_hidden_size)
+    out.add("moe_experts", 4 * p * computed * moe.ffn_hidden_size, 2 * p * computed * moe.ffn_hidden_size)
     # Combine: fp32 expert output per (token, choice), the weights and row indices.
     combine = 4 * world * tm * k * h
     out.add("moe_dispatch", combine + (4 + INDEX_BYTES + (1 if world > 1 else 0)) * world * tm * k, combine)
@@ -213,19 +223,30 @@ def stage_activations(c: DeepSeekConfig, lay: Layout, stage: int) -> Breakdown:
     return out
 
 
-def recompute_transient(c: DeepSeekConfig, lay: Layout, stage: int) -> float:
-    """Full recompute: backward rebuilds one checkpointed chunk's activations at a time."""
+def recompute_peak(c: DeepSeekConfig, lay: Layout, stage: int) -> float:
+    """Bytes one recomputed unit holds while backward rebuilds it: a checkpointed chunk of full
+    recompute, or one MoE MLP of selective moe recompute, plus its largest saved tensor (the
+    gradient being formed). 0 without recompute of whole modules."""
     start, end = lay.stage_ranges[stage]
     checkpointed, chunk = lay.recompute_full_chunks(end - start)
-    if not checkpointed:
-        if lay.recompute_granularity == "selective" and "moe" in lay.recompute_modules:
-            full = Layout(**{**lay.__dict__, "recompute_modules": ()})
-            moe = [moe_mlp(c, full).total for i in range(start, end) if c.is_moe_layer(i)]
-            return max(moe, default=0.0)
-        return 0.0
     plain = Layout(**{**lay.__dict__, "recompute_granularity": None, "recompute_method": None,
                       "recompute_num_layers": None, "recompute_modules": ()})
     best = 0.0
-    for s in range(start, start + checkpointed, chunk):
-        best = max(best, sum(decoder_layer(c, plain, i).total for i in range(s, min(s + chunk, start + checkpointed))))
+    if checkpointed:
+        for s in range(start, start + checkpointed, chunk):
+            parts = [decoder_layer(c, plain, i) for i in range(s, min(s + chunk, start + checkpointed))]
+            best = max(best, sum(b.total for b in parts) + max(b.largest for b in parts))
+    elif lay.recompute_granularity == "selective" and "moe" in lay.recompute_modules:
+        layers = list(range(start, end))
+        if stage == lay.pp - 1:
+            layers += [c.num_layers + d for d in range(c.mtp.num_layers)]
+        for i in layers:
+            if c.is_moe_layer(i):
+                full = moe_mlp(c, plain)
+                best = max(best, full.total + full.largest)
     return best
+
+
+# Parts of the last stage whose backward runs first (their saved tensors are gone by the time
+# backward recomputes anything in the decoder layers).
+HEAD_PARTS = ("head", "logits", "mtp")

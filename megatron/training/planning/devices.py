@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 GB = 10**9  # vendors quote decimal gigabytes
 TERA = 10**12
@@ -28,6 +28,9 @@ class DeviceSpec:
     devices_per_node: int
     native_collectives: bool  # nccl / hccl (reduce-scatter exists); False: gloo on CPU
     source: str
+    # Parameter dtypes with a torch grouped_mm kernel (moe/experts.py): CPU fp32 and bf16, CUDA
+    # bf16, none on Gaudi (the experts loop over their rows there).
+    grouped_mm_dtypes: Tuple[str, ...] = ()
 
     def peak(self, dtype: str) -> float:
         if dtype in self.peak_flops:
@@ -59,6 +62,7 @@ DEVICES: Dict[str, DeviceSpec] = {
         peak_flops={"bfloat16": 989 * TERA, "float32": 67 * TERA},
         memory_bandwidth=3.35e12, scale_up_bandwidth=450e9, scale_out_bandwidth=400e9 / 8,
         devices_per_node=8, native_collectives=True, source="NVIDIA H100 Tensor Core GPU datasheet (SXM5)",
+        grouped_mm_dtypes=("bfloat16",),
     ),
     # NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e at 4.8 TB/s, 989 TFLOPS BF16 dense,
     # 67 TFLOPS FP32; NVLink 900 GB/s; HGX H200: one 400 Gb/s NIC per GPU.
@@ -67,6 +71,7 @@ DEVICES: Dict[str, DeviceSpec] = {
         peak_flops={"bfloat16": 989 * TERA, "float32": 67 * TERA},
         memory_bandwidth=4.8e12, scale_up_bandwidth=450e9, scale_out_bandwidth=400e9 / 8,
         devices_per_node=8, native_collectives=True, source="NVIDIA H200 Tensor Core GPU datasheet (SXM)",
+        grouped_mm_dtypes=("bfloat16",),
     ),
     # H800 SXM (DeepSeek-V3's cluster): H100 compute and memory; DeepSeek-V3 technical report,
     # section 3.1 / 3.2.2: NVLink 160 GB/s and InfiniBand 50 GB/s per GPU.
@@ -75,6 +80,7 @@ DEVICES: Dict[str, DeviceSpec] = {
         peak_flops={"bfloat16": 989 * TERA, "float32": 67 * TERA},
         memory_bandwidth=3.35e12, scale_up_bandwidth=160e9, scale_out_bandwidth=50e9,
         devices_per_node=8, native_collectives=True, source="DeepSeek-V3 technical report (H800 cluster)",
+        grouped_mm_dtypes=("bfloat16",),
     ),
 }
 
@@ -95,6 +101,7 @@ def cpu_device(memory_bytes: Optional[int] = None, num_devices: int = 1) -> Devi
         peak_flops={"bfloat16": 0.1 * TERA, "float32": 0.1 * TERA},
         memory_bandwidth=10e9, scale_up_bandwidth=2e9, scale_out_bandwidth=2e9,
         devices_per_node=max(1, num_devices), native_collectives=False, source="nominal (CPU host, gloo)",
+        grouped_mm_dtypes=("float32", "bfloat16"),
     )
 
 

@@ -44,6 +44,9 @@ class Layout:
     recompute_modules: Tuple[str, ...] = ()
     clip_grad: float = 1.0
     bucket_size_mb: Optional[float] = 40.0  # DDPConfig's default bucket size
+    # The routed experts run one grouped GEMM over their whole row buffer (else a per-expert
+    # loop over the valid rows): --moe-grouped-gemm and a device/dtype with a grouped_mm kernel.
+    grouped_gemm: bool = False
 
     @property
     def edp(self) -> int:
@@ -102,8 +105,10 @@ class Layout:
         return min(n, num_layers), 1 if num_layers else 0
 
 
-def layout_from_run(run: Any) -> Layout:
-    """The Layout of a parsed `RunConfig` (megatron.training.arguments.parse_args)."""
+def layout_from_run(run: Any, grouped_mm_dtypes: Tuple[str, ...] = ()) -> Layout:
+    """The Layout of a parsed `RunConfig` (megatron.training.arguments.parse_args).
+
+    grouped_mm_dtypes: parameter dtypes the target device has a grouped GEMM kernel for."""
     par, dist, t, opt = run.parallel, run.distributed, run.training, run.optimizer
     etp = 1 if par.expert_tensor_parallel_size is None else par.expert_tensor_parallel_size
     rc = _recompute(t)
@@ -132,6 +137,7 @@ def layout_from_run(run: Any) -> Layout:
         recompute_num_layers=rc.num_layers,
         recompute_modules=tuple(rc.modules),
         clip_grad=float(opt.clip_grad),
+        grouped_gemm=bool(run.model.kernels.use_grouped_gemm) and run.model.params_dtype in grouped_mm_dtypes,
     )
 
 

@@ -11,7 +11,9 @@ Phases, each on top of the static bytes:
                       one without pipelining) + a backward transient: the cross entropy's two fp32
                       [T, V/tp] gradients on the last stage, otherwise about one tensor the size of
                       the largest saved activation (the gradient being formed before the saved
-                      inputs are released), plus, with recompute, one rebuilt chunk
+                      inputs are released); with recompute, the larger of that and the moment a
+                      rebuilt chunk (or MoE MLP) is alive on top of the decoder layers' kept
+                      tensors (the head's are released by then)
     optimizer step    AdamW's denominators, sqrt(v) for every element of the weight-decay group at
                       once (torch._foreach_sqrt in optimizer/adamw.py), 4 bytes each
 The peak is the larger phase. Not modelled: the allocator's caching and fragmentation, the device
@@ -118,7 +120,11 @@ def stage_memory(c: DeepSeekConfig, lay: Layout, stage: int) -> StageMemory:
     per_element = 8 + (4 if p != 4 else 0)  # exp_avg, exp_avg_sq (+ master for bf16)
     acts = act.stage_activations(c, lay, stage)
     logits_tensor = acts.parts.get("logits", 0.0) / (1 + c.mtp.num_layers) if post else 0.0
-    transient = max(2 * logits_tensor, acts.largest) + act.recompute_transient(c, lay, stage)
+    # Backward starts with every activation kept plus the loss gradients (or a layer's); a
+    # recomputed unit is rebuilt later, when the head's and later layers' tensors are released.
+    at_start = acts.total + max(2 * logits_tensor, acts.largest)
+    body = acts.total - sum(acts.parts.get(k, 0.0) for k in act.HEAD_PARTS)
+    transient = max(at_start, body + act.recompute_peak(c, lay, stage)) - acts.total
     return StageMemory(
         stage=stage,
         layers=layer_range,

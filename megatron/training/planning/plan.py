@@ -5,8 +5,8 @@
     print(format_plan(plan))                                   # or json.dumps(plan.to_dict())
 
 `plan_for_run` takes the frozen RunConfig the training entry point would run with, so flags mean
-exactly what they mean to pretrain_gpt.py. The model's vocabulary is the run's provisional one
-(the tokenizer pads it further at start-up, by at most make_vocab_size_divisible_by x TP rows).
+exactly what they mean to pretrain_gpt.py. The embedding and output head are sized from the
+run's vocabulary as the model pads it (params.embedding_rows).
 """
 
 from __future__ import annotations
@@ -180,25 +180,37 @@ def plan_for_run(
     **timing: float,
 ) -> Plan:
     """Plan a parsed RunConfig on `device_type` (a launcher dry run can print `format_plan`)."""
-    lay = layout_from_run(run)
     if device is None:
-        device = get_device(device_type, memory_gb=device_memory_gb, num_devices=lay.world_size)
-    plan = plan_layout(run.model, lay, device, model_name=run.model_preset or "custom", headroom=headroom, **timing)
-    if not run.vocab_size_final:
-        plan.notes.append(f"vocabulary {run.model.vocab_size} rows before the tokenizer's final padding")
-    return plan
+        device = get_device(device_type, memory_gb=device_memory_gb, num_devices=run.distributed.world_size)
+    lay = layout_from_run(run, device.grouped_mm_dtypes)
+    return plan_layout(run.model, lay, device, model_name=run.model_preset or "custom", headroom=headroom, **timing)
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:8.2f}"
 
 
+def _count(n: float) -> str:
+    """12.3K / 4.56M / 671.03B."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def format_plan(plan: Plan) -> str:
     """A plain-text summary: model, layout, per-stage memory and traffic, step time, verdict."""
     lay, dev, c = plan.layout, plan.device, plan.counts
     lines = [
-        f"model {plan.model_name}: {c.total / 1e9:.2f}B parameters ({c.total_without_mtp / 1e9:.2f}B without MTP), "
-        f"{c.activated_per_token / 1e9:.2f}B activated per token ({c.activated_per_token_without_mtp / 1e9:.2f}B without MTP)",
+        f"model {plan.model_name}: {_count(c.total)} parameters ({_count(c.total_without_mtp)} without MTP), "
+        f"{_count(c.activated_per_token)} activated per token ({_count(c.activated_per_token_without_mtp)} without MTP)",
         f"layout: {lay.world_size} x {dev.name}; TP {lay.tp}{' +SP' if lay.sequence_parallel else ''}, PP {lay.pp} "
         f"{list(lay.stage_layers)}, EP {lay.ep} ({lay.dispatcher}), DP {lay.dp} (EDP {lay.edp})"
         f"{', distributed optimizer' if lay.distributed_optimizer else ''}; micro-batch {lay.micro_batch_size} x "
@@ -208,20 +220,22 @@ def format_plan(plan: Plan) -> str:
            f"{' '.join(lay.recompute_modules)}".rstrip() if lay.recompute_granularity else ""),
         "",
         "memory per rank (GiB)",
-        "stage layers    params  weights    grads    optim     acts dispatch   logits transient     peak  fits",
+        "stage layers     params  weights    grads    optim     acts dispatch   logits transient     peak  fits",
     ]
     for s in plan.stages:
         m, b = s.memory, s.memory.breakdown()
         lines.append(
-            f"{m.stage:5d} {m.layers[0]:3d}-{m.layers[1] - 1:<3d} {m.params / 1e9:7.2f}B"
+            f"{m.stage:5d} {m.layers[0]:3d}-{m.layers[1] - 1:<3d} {_count(m.params):>8}"
             + "".join(_gib(b[k]) + " " for k in ("weights", "gradients", "optimizer", "activations", "moe_dispatch", "logits", "transient"))
             + _gib(b["peak"]) + f"  {'yes' if s.fits else 'NO'}"
         )
     lines += ["", f"device memory {dev.memory_bytes / 2**30:.1f} GiB, usable {plan.usable_bytes / 2**30:.1f} GiB "
                   f"({plan.headroom:.0%} headroom); in flight per stage: {[s.memory.in_flight for s in plan.stages]}", "",
-              "communication per step and rank (GB, as issued: all-reduce tensor, all-gather output, reduce-scatter input)"]
+              "communication per step and rank, by group (as issued: all-reduce tensor, all-gather output, "
+              "reduce-scatter input, all-to-all sent rows)"]
     for s in plan.stages:
-        parts = [f"{k} " + "/".join(f"{op} {v / 1e9:.3g}" for op, v in sorted(ops.items())) for k, ops in sorted(s.comm_bytes.items())]
+        parts = [f"{k} {_bytes(sum(ops.values()))} (" + ", ".join(f"{op} {_bytes(v)}" for op, v in sorted(ops.items())) + ")"
+                 for k, ops in sorted(s.comm_bytes.items())]
         lines.append(f"  stage {s.memory.stage}: " + "; ".join(parts))
     st = plan.step
     lines += ["", f"step time estimate: {st['step']:.3g} s (pipeline {st['pipeline']:.3g} s incl. bubble "

@@ -27,6 +27,7 @@ from typing import Dict, List
 from megatron.core.config import DeepSeekConfig
 from megatron.training.planning.comm import wire_bytes
 from megatron.training.planning.devices import DeviceSpec
+from megatron.training.planning.activations import expert_rows
 from megatron.training.planning.layout import Layout
 from megatron.training.planning.params import embedding_rows
 
@@ -49,19 +50,21 @@ def _attention_flops(c: DeepSeekConfig, tp: int, seq: int) -> float:
     return 2 * proj + 2 * core
 
 
-def _moe_flops(c: DeepSeekConfig, ep: int) -> float:
-    """Forward FLOPs of one MoE MLP per token routed through it (balanced over EP ranks)."""
+def _moe_flops(c: DeepSeekConfig, lay: Layout) -> float:
+    """Forward FLOPs of one MoE MLP for one micro-batch on one rank: router and shared experts on
+    the rank's tokens, routed experts on the rows they compute (balanced routing, activations.py)."""
     moe, h = c.moe, c.hidden_size
-    routed = 6 * h * moe.ffn_hidden_size * moe.topk  # the k choices, spread over the EP ranks
-    return 2 * h * moe.num_experts + 6 * h * moe.ffn_hidden_size * moe.num_shared_experts + routed
+    _, rows = expert_rows(c, lay)
+    return (2 * h * moe.num_experts + 6 * h * moe.ffn_hidden_size * moe.num_shared_experts) * lay.local_tokens \
+        + 6 * h * moe.ffn_hidden_size * rows
 
 
 def layer_forward_flops(c: DeepSeekConfig, lay: Layout, layer_idx: int) -> float:
     """Forward FLOPs of one decoder layer for one micro-batch on one rank."""
-    t, tl = lay.tokens_per_microbatch, lay.local_tokens
+    t = lay.tokens_per_microbatch
     flops = _attention_flops(c, lay.tp, lay.seq_length) * t
     if c.is_moe_layer(layer_idx):
-        flops += _moe_flops(c, lay.ep) * tl
+        flops += _moe_flops(c, lay)
     else:
         flops += 6 * c.hidden_size * c.ffn_hidden_size / lay.tp * t
     return flops
@@ -80,7 +83,7 @@ def stage_forward_flops(c: DeepSeekConfig, lay: Layout, stage: int) -> Dict[str,
             m = c.mla
             recompute += (end - start) * 2 * (m.num_heads / lay.tp) * (m.qk_head_dim + m.v_head_dim) * (lay.seq_length + 1) / 2 * t
         if "moe" in lay.recompute_modules:
-            recompute += sum(_moe_flops(c, lay.ep) * tl for i in range(start, end) if c.is_moe_layer(i))
+            recompute += sum(_moe_flops(c, lay) for i in range(start, end) if c.is_moe_layer(i))
     if stage == lay.pp - 1:
         v_local = embedding_rows(c, lay.tp) / lay.tp
         forward += 2 * h * v_local * t
