@@ -189,6 +189,9 @@ class KernelConfig:
     use_fused_rmsnorm: bool = flag_field(True, "--use-fused-rmsnorm")  # HPU FusedRMSNorm
     # torch grouped_mm where available, else a loop over experts
     use_grouped_gemm: bool = flag_field(True, "--moe-grouped-gemm")
+    # HPU lazy mode: end the accumulated graph after every decoder layer (smaller graphs that
+    # compile faster, at the price of more launches); no effect elsewhere
+    mark_step_per_layer: bool = flag_field(False, "--mark-step-per-layer")
 
 
 _RECOMPUTE_GRANULARITY = (None, "full", "selective")

@@ -134,6 +134,14 @@ class Device:
             if hpu is not None and hasattr(hpu, "reset_peak_memory_stats"):
                 hpu.reset_peak_memory_stats()
 
+    def set_deterministic(self, enabled: bool) -> None:
+        """Deterministic kernels only (--deterministic-mode): torch raises on an op that has none.
+        The environment part (CUBLAS_WORKSPACE_CONFIG, NCCL_ALGO) is set by the training start-up
+        before the device initialises."""
+        torch.use_deterministic_algorithms(enabled)
+        if self.kind == "cuda":
+            torch.backends.cudnn.benchmark = not enabled
+
     # ---- random state -------------------------------------------------------------------
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)

@@ -87,6 +87,7 @@ def parse_args(argv: Optional[Sequence[str]], world_size: int, check_paths: bool
             if key not in explicit:
                 v[key] = value
     notes = _compat_notes(explicit)
+    _static_moe_for_lazy_mode(v, explicit, notes)
     parallel = _parallel_config(v, notes)
     grid = RankGrid.from_config(parallel, world_size)
     model = model_config_from_flags(v, explicit, preset, _provisional_vocab(v, preset), notes)
@@ -120,6 +121,24 @@ def _pick(v: Mapping[str, Any], cls: type) -> Dict[str, Any]:
 def _compat_notes(explicit: Set[str]) -> List[str]:
     """A note for every accepted flag that has no effect here, so none is ignored silently."""
     return [f"{flag} has no effect here: {why}" for flag, _, why in COMPAT_FLAGS if compat_dest(flag) in explicit]
+
+
+def _static_moe_for_lazy_mode(v: Dict[str, Any], explicit: Set[str], notes: List[str]) -> None:
+    """HPU lazy mode compiles one graph per distinct set of tensor shapes; dropless MoE sizes depend
+    on the routing, so every step would recompile. Under --use-lazy-mode 1, MoE therefore defaults
+    to token drop with capacity padding over the all-to-all dispatcher (static shapes), unless the
+    user chose the MoE shape flags; a dropless choice is then named in a note."""
+    if not v["use_lazy_mode"]:
+        return
+    shape_flags = {"moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity", "moe_token_dispatcher_type"}
+    if not shape_flags & explicit:
+        v.update(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True, moe_token_dispatcher_type="alltoall")
+        notes.append("HPU lazy mode: MoE uses static shapes (--moe-expert-capacity-factor 1.0 "
+                     "--moe-pad-expert-input-to-capacity --moe-token-dispatcher-type alltoall); set them to choose otherwise")
+    elif v["moe_expert_capacity_factor"] is None or not v["moe_pad_expert_input_to_capacity"]:
+        notes.append("HPU lazy mode with dropless or unpadded MoE: expert batch sizes depend on the routing, so graphs "
+                     "recompile as routing changes; --moe-expert-capacity-factor with --moe-pad-expert-input-to-capacity "
+                     "(and alltoall) keeps shapes static")
 
 
 def _parallel_config(v: Mapping[str, Any], notes: List[str]) -> ParallelConfig:

@@ -409,3 +409,5 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     a("--use-fused-sdpa-with-recompute", type=str_to_bool, default=False)
     a("--use-fast-softmax", type=str_to_bool, default=True)
     a("--use-fused-rmsnorm", type=str_to_bool, default=True)
+    a("--mark-step-per-layer", action="store_true",
+      help="HPU lazy mode: end the graph after every decoder layer (smaller graphs, faster compiles).")

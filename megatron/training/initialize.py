@@ -85,6 +85,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NCCL_ALGO": "Ring"}
+
+
+def set_deterministic_environment() -> None:
+    """--deterministic-mode: the variables that make cuBLAS and NCCL reductions reproducible (set
+    before the device and the process group initialise; values the user exported are kept)."""
+    for key, value in DETERMINISTIC_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def set_random_seeds(seed: int, pp_rank: int = 0, device: Optional[Device] = None) -> int:
     """Seed python, numpy and torch with seed + 100 * pp_rank (Megatron's rule); returns that seed."""
     if seed < 0:

@@ -48,19 +48,22 @@ def build_model_stage(
     recompute: RecomputeConfig,
     seed: int,
     local_rank: int = 0,
+    overlap_shared_experts: bool = False,
 ) -> DeepSeekModel:
     """This rank's stage of the model: decoder layers `layer_range` (global indices), the embedding
     on the first stage, the output head and MTP on the last, split over TP / EP as `state` says,
     initialised from `seed` (the same values in every layout), in the config's dtype on `device`."""
     model = DeepSeekModel(
         config,
-        parallel=ParallelContext.from_parallel_state(state, dispatcher),
+        parallel=ParallelContext.from_parallel_state(state, dispatcher, overlap_shared_experts),
         layer_range=layer_range,
         pre_process=state.is_first_stage,
         post_process=state.is_last_stage,
         recompute=recompute,
         seed=seed,
     )
+    if config.kernels.mark_step_per_layer and device.lazy_mode:
+        model.layer_boundary = device.mark_step
     return model.to(device=device.torch_device(local_rank), dtype=getattr(torch, config.params_dtype))
 
 
@@ -99,6 +102,7 @@ def build_training_stage(run: RunConfig, state: ParallelState, device: Device, l
     model = build_model_stage(
         run.model, state, device, layer_range=layer_range, dispatcher=run.distributed.moe_token_dispatcher_type,
         recompute=run.training.recompute, seed=run.training.seed, local_rank=local_rank,
+        overlap_shared_experts=run.distributed.moe_shared_expert_overlap,
     )
     ddp = DistributedDataParallel(model, ddp_config(run), state)
     optimizer = build_optimizer([ddp], optimizer_config(run), state)

@@ -30,6 +30,7 @@ from megatron.training.initialize import (
     initialize_distributed,
     launcher_env,
     resolve_device,
+    set_deterministic_environment,
     set_random_seeds,
 )
 from megatron.training.lr_scheduler import OptimizerParamScheduler
@@ -240,6 +241,14 @@ def _peak(run: RunConfig, device: Any) -> float:
 
 def setup(run: RunConfig, rank: int, local_rank: int, forward_step: ForwardStep) -> _Run:
     device = resolve_device(run.device.device, run.device.lazy_mode)
+    device.set_deterministic(run.training.deterministic_mode)
+    moe = run.model.moe
+    if device.lazy_mode and (moe.capacity_factor is None or not moe.pad_to_capacity):
+        print_rank_0("note: HPU lazy mode with dropless or unpadded MoE: expert batch sizes follow the routing, so graphs "
+                     "recompile as it changes; --moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity "
+                     "--moe-token-dispatcher-type alltoall keeps shapes static")
+    if run.model.kernels.mark_step_per_layer and not device.lazy_mode:
+        print_rank_0(f"note: --mark-step-per-layer has no effect here: it ends HPU lazy-mode graphs ({device.kind}, lazy mode off)")
     state = ParallelState.build(run.parallel)
     set_random_seeds(run.training.seed, state.rank_in("pp"), device)
     tokenizer, run = build_tokenizer_for_run(run)
@@ -272,28 +281,44 @@ def _exit_reason(r: _Run) -> Optional[str]:
 
 
 class _Profiler:
-    """torch.profiler between --profile-step-start and --profile-step-end on --profile-ranks."""
+    """torch.profiler between --profile-step-start and --profile-step-end on --profile-ranks.
+
+    --profile (or --use-pytorch-profiler) and --profile-type pt: CPU and device activity;
+    pt-full adds shapes, memory and Python stacks; hltv (Gaudi's trace viewer format) records the
+    HPU activity through the same profiler and needs an HPU. The trace is written under
+    --tensorboard-dir (else ./profile), and where it went is printed.
+    """
 
     def __init__(self, r: _Run) -> None:
         lg = r.run.logging
-        self.enabled = lg.profile and r.rank in lg.profile_ranks
+        kind = lg.profile_type or ("pt" if lg.profile or lg.use_pytorch_profiler else None)
+        self.enabled = kind is not None and r.rank in lg.profile_ranks
+        self.kind = kind
         self.start, self.end, self.prof = lg.profile_step_start, lg.profile_step_end, None
-        self.out_dir = lg.tensorboard_dir or "profile"
+        self.out_dir = os.path.join(lg.tensorboard_dir or "profile", "traces")
         self.device_kind = r.device.kind
+        if kind == "hltv" and self.device_kind != "hpu":
+            raise ValueError(f"--profile-type hltv records Gaudi HPU activity, but this run is on {self.device_kind}; "
+                             "use --profile-type pt")
 
     def before(self, iteration: int) -> None:
         if self.enabled and iteration == self.start and self.prof is None:
             acts = [torch.profiler.ProfilerActivity.CPU]
-            if self.device_kind == "cuda":
-                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            device_activity = {"cuda": "CUDA", "hpu": "HPU"}.get(self.device_kind)
+            if device_activity and hasattr(torch.profiler.ProfilerActivity, device_activity):
+                acts.append(getattr(torch.profiler.ProfilerActivity, device_activity))
+            full = self.kind == "pt-full"
             self.prof = torch.profiler.profile(
-                activities=acts, on_trace_ready=torch.profiler.tensorboard_trace_handler(self.out_dir))
+                activities=acts, record_shapes=full, profile_memory=full, with_stack=full,
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(self.out_dir))
             self.prof.start()
 
     def after(self, iteration: int) -> None:
         if self.prof is not None and iteration >= self.end:
             self.prof.stop()
             self.prof = None
+            print(f"profiler trace of iterations {self.start}-{self.end} written to {os.path.abspath(self.out_dir)}",
+                  flush=True)
 
 
 def train(r: _Run) -> str:
@@ -347,6 +372,24 @@ def train(r: _Run) -> str:
     return "train iters"
 
 
+def _final_evaluations(r: _Run, reason: str) -> Dict[str, Dict[str, float]]:
+    """Validation and test losses after training (or instead of it, with --skip-train). The
+    validation set is not evaluated again when the loop just did so at this iteration."""
+    t = r.run.training
+    out: Dict[str, Dict[str, float]] = {}
+    if reason not in ("train iters", "skip train") or t.eval_iters <= 0:
+        return out
+    just_validated = reason == "train iters" and r.iteration > 0 and r.iteration % t.eval_interval == 0
+    if r.iterators.get("valid") is not None and not just_validated:
+        out["valid"] = evaluate(r, "valid")
+        label = "validation (end of training)" if reason == "train iters" else "validation"
+        r.logger.log_validation(r.iteration, out["valid"], label)
+    if r.iterators.get("test") is not None:
+        out["test"] = evaluate(r, "test")
+        r.logger.log_validation(r.iteration, out["test"], "test")
+    return out
+
+
 def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[ForwardStep] = None) -> Dict[str, Any]:
     """Parse flags, initialise, train, evaluate; returns a summary (iteration, exit reason, log history).
 
@@ -357,6 +400,8 @@ def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[Forwa
     env_world = launcher_env()[1] if owns_group else dist.get_world_size()
     run = parse_args(argv, env_world)
     run = _with_checkpoint_args(run)
+    if run.training.deterministic_mode:
+        set_deterministic_environment()
     rank, world, local_rank = initialize_distributed(
         run.device.device, run.distributed.distributed_timeout_minutes, run.device.lazy_mode)
     if world != run.distributed.world_size:
@@ -372,13 +417,10 @@ def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[Forwa
         reason = "skip train"
         if not run.training.skip_train:
             reason = train(r)
-        if r.iterators.get("valid") is not None and run.training.eval_iters > 0 and reason == "train iters":
-            r.logger.log_validation(r.iteration, evaluate(r, "valid"), "validation (end of training)")
-        if r.iterators.get("test") is not None and run.training.eval_iters > 0 and reason == "train iters":
-            r.logger.log_validation(r.iteration, evaluate(r, "test"), "test")
+        evaluations = _final_evaluations(r, reason)
         return {"iteration": r.iteration, "exit_reason": reason, "history": r.logger.history,
                 "skipped": r.logger.skipped_total, "nan": r.logger.nan_total, "consumed": dict(r.consumed),
-                "losses": list(r.loss_history)}
+                "losses": list(r.loss_history), "evaluations": evaluations}
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -97,12 +97,15 @@ class TensorParallelContext:
 @dataclass(frozen=True)
 class ExpertParallelContext:
     """The EP group over which the routed experts are split, this rank's place in it, and the
-    token dispatcher that exchanges tokens over it (ignored when the group has one rank)."""
+    token dispatcher that exchanges tokens over it (ignored when the group has one rank).
+    `overlap_shared_experts`: compute the shared experts while the dispatch exchange is in flight
+    (--moe-shared-expert-overlap); otherwise after the routed experts' combine."""
 
     group: Optional[dist.ProcessGroup] = None
     size: int = 1
     rank: int = 0
     dispatcher: str = "alltoall"
+    overlap_shared_experts: bool = False
 
     def __post_init__(self) -> None:
         if self.dispatcher not in TOKEN_DISPATCHER_TYPES:
@@ -120,7 +123,8 @@ class ParallelContext:
     router_load_groups: Tuple[Optional[dist.ProcessGroup], ...] = ()
 
     @classmethod
-    def from_parallel_state(cls, state: "ParallelState", dispatcher: str = "alltoall") -> "ParallelContext":
+    def from_parallel_state(cls, state: "ParallelState", dispatcher: str = "alltoall",
+                            overlap_shared_experts: bool = False) -> "ParallelContext":
         """The context of this rank in `state`'s layout. Expert tensor parallelism is not supported:
         experts are whole on each expert-parallel rank."""
         if state.size("etp") > 1:
@@ -129,7 +133,8 @@ class ParallelContext:
                 "expert-parallel rank; use --expert-tensor-parallel-size 1"
             )
         tp = TensorParallelContext(group=state.group("tp"), size=state.size("tp"), sequence_parallel=state.sequence_parallel)
-        ep = ExpertParallelContext(group=state.group("ep"), size=state.size("ep"), rank=state.rank_in("ep"), dispatcher=dispatcher)
+        ep = ExpertParallelContext(group=state.group("ep"), size=state.size("ep"), rank=state.rank_in("ep"),
+                                   dispatcher=dispatcher, overlap_shared_experts=overlap_shared_experts)
         load_groups = tuple(state.group(kind) for kind in ("tp", "dp") if state.size(kind) > 1)
         return cls(tp=tp, ep=ep, router_load_groups=load_groups)
 

@@ -30,7 +30,7 @@ aligned with the input positions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +209,8 @@ class DeepSeekModel(nn.Module):
                 self.output_layer.weight = self.embedding.weight
             self.mtp = nn.ModuleList(MTPDepth(config, d, parallel) for d in range(config.mtp.num_layers))
         self.input_tensor: Optional[torch.Tensor] = None
+        # Called after each decoder layer when set (HPU lazy mode's mark_step, --mark-step-per-layer).
+        self.layer_boundary: Optional[Callable[[], None]] = None
         for layer in self._all_decoder_layers():
             layer.recompute_mlp = recompute.moe and layer.is_moe
             layer.self_attn.recompute_core_attention = recompute.core_attention
@@ -316,6 +318,8 @@ class DeepSeekModel(nn.Module):
         if rc.granularity != "full" or not torch.is_grad_enabled():
             for layer in layers:
                 hidden = layer(hidden, rotary)
+                if self.layer_boundary is not None:
+                    self.layer_boundary()
             return hidden
         if rc.method == "uniform":
             # Chunks of num_layers layers; only each chunk's input is kept for backward.

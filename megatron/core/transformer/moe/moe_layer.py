@@ -10,8 +10,9 @@ and routes through the all-to-all or all-gather dispatcher over the "ep" group
 (`parallel.ep.dispatcher`). The input is this rank's own tokens (sequence parallelism under
 TP > 1). The router and shared experts are replicated: their gradients are partial sums over this
 rank's tokens, reduced over "dp" (and "tp" under SP) by the gradient code like any replicated
-weight; the expert weights carry `is_expert` and are reduced over "edp". The shared experts run
-while the dispatch all-to-all is in flight.
+weight; the expert weights carry `is_expert` and are reduced over "edp". With
+`parallel.ep.overlap_shared_experts` the shared experts run while the dispatch all-to-all is in
+flight (--moe-shared-expert-overlap), otherwise after the combine.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class MoELayer(nn.Module):
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
         self.ep_group, self.ep_size, self.ep_rank = ep.group, ep.size, ep.rank
+        self.overlap_shared_experts = ep.overlap_shared_experts
         if moe.num_experts % self.ep_size:
             raise ValueError(
                 f"--num-experts ({moe.num_experts}) must be divisible by --expert-model-parallel-size ({self.ep_size})"
@@ -111,11 +113,15 @@ class MoELayer(nn.Module):
 
         rows, plan = self.dispatcher.dispatch_preprocess(flat, routing.probs, routing.indices, flat_mask)
         pending = self.dispatcher.dispatch_async(rows, plan)
-        # The shared experts need no routing: compute them while the dispatch exchange is in flight.
-        shared = None if self.shared_experts is None else self.shared_experts(flat)
+        shared = None
+        if self.shared_experts is not None and self.overlap_shared_experts:
+            # The shared experts need no routing: compute them while the dispatch exchange is in flight.
+            shared = self.shared_experts(flat)
         expert_out = self._run_experts(pending.wait(), plan)
         expert_out = self.dispatcher.combine(expert_out, plan)
         out = self.dispatcher.combine_postprocess(expert_out, plan).to(hidden.dtype)
+        if self.shared_experts is not None and not self.overlap_shared_experts:
+            shared = self.shared_experts(flat)
 
         if shared is not None:
             out = out + shared
