@@ -13,13 +13,16 @@ and line at fault.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
+from megatron.core.datasets.pair_files import is_stale
 from megatron.core.datasets.indexed_dataset import (
     IndexedDataset,
     IndexedDatasetBuilder,
@@ -108,6 +111,8 @@ class _Outputs:
         self.finished: List[str] = []
 
     def open(self) -> None:
+        for final in self.finals.values():
+            remove_stale_parts(final)
         tag = f"tmp{os.getpid()}"
         for key, final in self.finals.items():
             for p in range(self.partitions):
@@ -149,6 +154,24 @@ class _Outputs:
         for builder in self.builders.values():
             builder.abort()
         self._remove(self.parts)
+
+
+_PART_RE = re.compile(r"\.part\d+-of-\d+\.tmp(\d+)\.(bin|idx)(\.tmp\.\d+)?$")
+
+
+def remove_stale_parts(final: str) -> List[str]:
+    """Remove the `--partitions` parts (`<final>.partI-of-P.tmp<pid>.bin/.idx`, and their own
+    temporaries) that a killed run left; parts of a live run are kept."""
+    removed = []
+    for path in glob.glob(glob.escape(final) + ".part*-of-*.tmp*"):
+        match = _PART_RE.search(path)
+        if match is not None and is_stale(path, int(match.group(1))):
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def _recover(encoder: BatchEncoder, unit: WorkUnit, error: TokenizeError, bad: BadRecords) -> Tuple[WorkUnit, Dict[str, EncodedKey]]:

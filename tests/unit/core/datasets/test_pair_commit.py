@@ -180,3 +180,18 @@ def test_marker_of_a_live_writer_is_respected(tmp_path):
         sleeper.wait(timeout=30)
     build(prefix, NEW)  # the writer is gone: its empty marker is dropped, the new pair committed
     assert contents(prefix) == NEW and sorted(os.listdir(tmp_path)) == ["d.bin", "d.idx"]
+
+
+def test_partition_parts_of_a_killed_run_are_removed(tmp_path):
+    from megatron.training.data_prep.pipeline import remove_stale_parts
+
+    final = str(tmp_path / "o_text_document")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    names = [f"o_text_document.part1-of-3.tmp{dead_pid}.bin", f"o_text_document.part1-of-3.tmp{dead_pid}.idx",
+             f"o_text_document.part2-of-3.tmp{dead_pid}.bin.tmp.{dead_pid}",
+             f"o_text_document.part1-of-3.tmp{os.getpid()}.bin"]  # this (live) process's part
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(remove_stale_parts(final)) == sorted(str(tmp_path / n) for n in names[:3])
+    assert os.listdir(tmp_path) == [names[3]]
