@@ -67,12 +67,12 @@ def all_reduce(tensor: torch.Tensor, group: Group = None, op: Any = None, async_
     return _backend.all_reduce(tensor, op=op if op is not None else dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
-def all_gather(parts: List[torch.Tensor], tensor: torch.Tensor, group: Group = None) -> None:
-    """List all-gather (the portable form gloo supports)."""
+def all_gather(parts: List[torch.Tensor], tensor: torch.Tensor, group: Group = None, async_op: bool = False) -> Any:
+    """List all-gather (the portable form gloo supports); returns the work handle when `async_op`."""
     if not _active(group):
         parts[0].copy_(tensor)
-        return
-    _backend.all_gather(parts, tensor, group=group)
+        return None
+    return _backend.all_gather(parts, tensor, group=group, async_op=async_op)
 
 
 def all_gather_into_tensor(out: torch.Tensor, tensor: torch.Tensor, group: Group = None, async_op: bool = False) -> Any:

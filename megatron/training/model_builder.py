@@ -72,6 +72,7 @@ def ddp_config(run: RunConfig) -> DDPConfig:
     o, t = run.optimizer, run.training
     return DDPConfig(
         overlap_grad_reduce=o.overlap_grad_reduce,
+        overlap_param_gather=o.overlap_param_gather,
         use_distributed_optimizer=o.use_distributed_optimizer,
         grad_reduce_in_fp32=t.accumulate_allreduce_grads_in_fp32 or t.bf16,
     )

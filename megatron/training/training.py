@@ -133,6 +133,7 @@ def train_step(r: _Run) -> Tuple[Dict[str, float], bool, Optional[float], Option
     reported = r.run_schedule(r.iterators["train"], forward_only=False)
     r.device.mark_step()
     finalize_model_grads([r.stage.ddp], r.state)
+    r.stage.ddp.finish_param_sync()  # a bucket no forward used this step is still in flight
     opt.set_lr(r.scheduler.get_lr())
     ok, grad_norm, num_zeros = opt.step()
     losses = r.reduce_losses(reported)
@@ -178,6 +179,7 @@ def save(r: _Run) -> None:
     if not c.save:
         return
     print_rank_0(f"saving checkpoint at iteration {r.iteration} to {c.save}")
+    r.stage.ddp.finish_param_sync()  # parameters gathered in the background must be complete
     _checkpointing().save_checkpoint(
         c.save, r.iteration, r.stage.chunks, None if c.no_save_optim else r.stage.optimizer,
         r.scheduler.state_dict(), r.run, r.state, dict(r.consumed), rng=not c.no_save_rng,
@@ -417,6 +419,7 @@ def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[Forwa
         reason = "skip train"
         if not run.training.skip_train:
             reason = train(r)
+        r.stage.ddp.finish_param_sync()
         evaluations = _final_evaluations(r, reason)
         return {"iteration": r.iteration, "exit_reason": reason, "history": r.logger.history,
                 "skipped": r.logger.skipped_total, "nan": r.logger.nan_total, "consumed": dict(r.consumed),

@@ -27,10 +27,15 @@ class DDPConfig:
 
     bucket_size_mb: Optional[float] = 40.0
     overlap_grad_reduce: bool = False
+    # Distributed optimizer: leave the updated parameters' all-gather in flight after the step and
+    # wait for each bucket just before the first forward that uses it (--overlap-param-gather).
+    overlap_param_gather: bool = False
     use_distributed_optimizer: bool = False
     grad_reduce_in_fp32: bool = False
     average_in_collective: bool = False
 
     def __post_init__(self) -> None:
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("--overlap-param-gather needs --use-distributed-optimizer")
         if self.bucket_size_mb is not None and not self.bucket_size_mb > 0:
             raise ValueError(f"bucket_size_mb must be > 0 (or None for one bucket), got {self.bucket_size_mb}")

@@ -89,6 +89,8 @@ class DistributedDataParallel:
         self.param_to_buffer: Dict[nn.Parameter, GradBuffer] = {p: b for b in self.grad_buffers for p in b.params}
         for p in self.param_to_buffer:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook()))
+        if config.overlap_param_gather:
+            self._register_param_gather_waits()
 
     # ---- module passthrough ------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -162,9 +164,31 @@ class DistributedDataParallel:
 
     # ---- distributed optimizer -----------------------------------------------------------------
     def all_gather_params(self) -> None:
-        """All-gather updated parameter shards over dp / edp (distributed optimizer only)."""
+        """All-gather updated parameter shards over dp / edp (distributed optimizer only). With
+        `overlap_param_gather` the all-gathers stay in flight and each module waits for the buckets
+        of its own parameters just before its forward, so communication overlaps the next forward."""
         for buffer in self.grad_buffers:
-            buffer.all_gather_params()
+            buffer.all_gather_params(async_op=self.ddp_config.overlap_param_gather)
+
+    def finish_param_sync(self) -> None:
+        """Complete every in-flight parameter all-gather (before parameters are read outside a
+        forward: checkpoint saves, evaluation of another chunk, the end of training)."""
+        for buffer in self.grad_buffers:
+            buffer.wait_params()
+
+    def _register_param_gather_waits(self) -> None:
+        bucket_of = {id(p): (buffer, bucket) for buffer in self.grad_buffers for bucket in buffer.buckets for p in bucket.params}
+        for module in self.module.modules():
+            owned = [bucket_of[id(p)] for p in module.parameters(recurse=False) if id(p) in bucket_of]
+            if not owned:
+                continue
+            unique = list({id(bucket): (buffer, bucket) for buffer, bucket in owned}.values())
+
+            def wait(_module: nn.Module, _inputs: Any, unique=unique) -> None:
+                for buffer, bucket in unique:
+                    buffer.wait_params(bucket)
+
+            self._hooks.append(module.register_forward_pre_hook(wait))
 
     def __repr__(self) -> str:
         kinds = ", ".join(

@@ -61,6 +61,7 @@ class Bucket:
     pending: set = field(default_factory=set)  # ids of params whose grad has not arrived this step
     handle: Optional[dist.Work] = None
     launched: bool = False
+    param_handle: Optional[dist.Work] = None  # in-flight all-gather of updated parameters
 
     def shard(self, rank: int, size: int) -> Tuple[int, int]:
         """[lo, hi) buffer offsets of rank `rank`'s equal share of this bucket."""
@@ -221,16 +222,29 @@ class GradBuffer:
                     pieces.append((p, a, b, a - s, b - s))
         return pieces
 
-    def all_gather_params(self) -> None:
-        """Refresh every rank's full parameters from the owners' updated shards (distributed optimizer)."""
+    def all_gather_params(self, async_op: bool = False) -> None:
+        """Refresh every rank's full parameters from the owners' updated shards (distributed optimizer).
+
+        With `async_op` every bucket's all-gather is launched and left in flight: `wait_params`
+        (bucket by bucket, e.g. from a forward pre-hook) completes it.
+        """
         if self.param_data is None or self.size == 1:
             return
         for bucket in self.buckets:
             data = self.param_data[bucket.start : bucket.end]
             lo, hi = bucket.shard(self.rank, self.size)
             if self._native(data):
-                comm.all_gather_into_tensor(data, self.param_data[lo:hi], group=self.group)
+                bucket.param_handle = comm.all_gather_into_tensor(data, self.param_data[lo:hi], group=self.group,
+                                                                  async_op=async_op)
             else:
                 # gloo: list all-gather straight into the bucket's (contiguous) per-rank chunks.
                 chunks = list(data.chunk(self.size))
-                comm.all_gather(chunks, self.param_data[lo:hi].clone(), group=self.group)
+                bucket.param_handle = comm.all_gather(chunks, self.param_data[lo:hi].clone(), group=self.group,
+                                                      async_op=async_op)
+
+    def wait_params(self, bucket: Optional[Bucket] = None) -> None:
+        """Complete the in-flight parameter all-gather of `bucket` (all buckets when None)."""
+        for b in self.buckets if bucket is None else [bucket]:
+            if b.param_handle is not None:
+                b.param_handle.wait()
+                b.param_handle = None

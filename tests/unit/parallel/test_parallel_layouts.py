@@ -20,7 +20,7 @@ LAYOUTS = [
     Layout("pp2_uneven_first", 2, ("--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1")),
     Layout("ep2_alltoall", 2, ("--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall")),
     Layout("ep2_allgather", 2, ("--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather")),
-    Layout("dp2_distopt_overlap", 2, ("--use-distributed-optimizer", "--overlap-grad-reduce")),
+    Layout("dp2_distopt_overlap", 2, ("--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather")),
     Layout("tp2_sp_ep2", 4, ("--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "2",
                              "--moe-token-dispatcher-type", "alltoall")),
     Layout("pp2_ep2_dp2", 8, ("--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
