@@ -3,22 +3,28 @@
 #
 # Same variable names and defaults as Intel Gaudi's Megatron-LM example
 # (examples/deepseek/pretrain_deepseek.sh of HabanaAI/Megatron-LM), so existing job scripts work
-# unchanged; see examples/deepseek/README.md for the full table. Differences on purpose:
-#   - every setting is validated before anything is launched (one line naming the variable);
+# unchanged; see examples/deepseek/README.md for the full table and every difference. In short:
+#   - every setting is validated before anything is launched (one line naming the variable), and
+#     the whole command line goes through the training code's own parser first (HL_PRECHECK);
+#   - an HL_* name this script does not know is reported with the closest known one
+#     (HL_STRICT_ENV=1 makes it an error);
+#   - the device is decided by the ranks (--device auto) unless HL_DEVICE says otherwise;
+#     HL_USE_LAZY_MODE=1 means HPU;
 #   - the command is a bash array (paths with spaces or quotes survive);
 #   - HL_DRY_RUN=1 prints the resolved settings and the exact command, then exits 0;
+#   - per-rank logs go to <results>/logs; a user error inside the ranks is shown as one line;
+#     SIGINT / SIGTERM / SIGHUP stop every rank (with HL_EXIT_SIGNAL_HANDLER=1 they save first);
 #   - additions: HL_MODEL presets, model-size overrides, MTP, HL_DEVICE (hpu/cuda/cpu),
 #     HL_TOKEN_DROP=1 defaults the dispatcher to alltoall, HL_TOKEN_DROP=2 is rejected.
 set -euo pipefail
 
+PROG=pretrain_deepseek.sh
 die() {
-    echo "pretrain_deepseek.sh: error: $*" >&2
+    echo "$PROG: error: $*" >&2
     exit 1
 }
-warn() { echo "pretrain_deepseek.sh: warning: $*" >&2; }
-
-SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
-MEGATRON_LM_ROOT=${MEGATRON_LM_ROOT:-$(cd -- "$SCRIPT_DIR/../.." && pwd)}
+warn() { echo "$PROG: warning: $*" >&2; }
+note() { echo "$PROG: note: $*" >&2; }
 
 # Integer checks: `is_int NAME VALUE [min]`.
 is_int() {
@@ -29,6 +35,103 @@ is_int() {
 }
 is_01() { [[ "$2" == 0 || "$2" == 1 ]] || die "$1 must be 0 or 1, got '$2'"; }
 is_num() { [[ "$2" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || die "$1 must be a number, got '$2'"; }
+
+# The training code is always this checkout's (examples/deepseek/../..), whatever MEGATRON_LM_ROOT says.
+SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
+REPO_ROOT=$(cd -- "$SCRIPT_DIR/../.." && pwd -P)
+if [[ -n "${MEGATRON_LM_ROOT:-}" ]]; then
+    user_root=$(cd -- "$MEGATRON_LM_ROOT" 2>/dev/null && pwd -P) || user_root=""
+    [[ "$user_root" == "$REPO_ROOT" ]] ||
+        note "MEGATRON_LM_ROOT ($MEGATRON_LM_ROOT) is not this launcher's checkout; running $REPO_ROOT/pretrain_gpt.py"
+fi
+
+# ------------------------------------------------------------------ variables for the ranks
+# ENV_FLAGS (the original script's name) and HL_ENV_FLAGS: comma-separated entries forwarded to
+# every rank (mpirun -x, exported for torchrun), ENV_FLAGS first. An entry is NAME=value, or
+# NAME alone for a variable set in this environment (its value is forwarded). A piece that is
+# neither continues the previous value, so values with commas survive
+# (PT_HPU_RECIPE_CACHE_CONFIG=/path,false,1024). Parsed before this script sets any variable of
+# its own, so NAME entries see the caller's environment.
+FORWARD_ENV=()
+add_env_flags() {
+    local source=$1 text=$2 piece trimmed n_before=${#FORWARD_ENV[@]}
+    local -a pieces=()
+    IFS=',' read -r -a pieces <<<"$text"
+    for piece in "${pieces[@]}"; do
+        trimmed=${piece#"${piece%%[![:space:]]*}"}
+        trimmed=${trimmed%"${trimmed##*[![:space:]]}"}
+        if [[ "$trimmed" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then
+            FORWARD_ENV+=("$trimmed")
+        elif [[ "$trimmed" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] && printenv -- "$trimmed" >/dev/null; then
+            FORWARD_ENV+=("$trimmed=$(printenv -- "$trimmed")")
+        elif ((${#FORWARD_ENV[@]} > n_before)); then
+            FORWARD_ENV[-1]+=",$piece"
+        elif [[ -n "$trimmed" ]]; then
+            die "$source: '$trimmed' is neither NAME=value nor the name of a variable set in this environment"
+        fi
+    done
+}
+add_env_flags ENV_FLAGS "${ENV_FLAGS:-}"
+add_env_flags HL_ENV_FLAGS "${HL_ENV_FLAGS:-}"
+
+# ------------------------------------------------------------------ known HL_* variables
+# Every HL_* variable this script reads (tests check this list against the script's text).
+KNOWN_VARS=(
+    HL_LAUNCHER_TYPE HL_NUM_NODES HL_DEVICES_PER_NODE HL_HOSTSFILE HL_DEFAULT_HOSTSFILE HL_SSH_PORT HL_PE
+    HL_PPR HL_HNIC HL_HCCL_OVER_OFI HL_HCCL_GAUDI_DIRECT HL_FI_PROVIDER HL_TORCHRUN_MULTINODE
+    HL_TORCHRUN_NODE_RANK HL_TORCHRUN_MASTER_ADDR HL_MASTER_PORT HL_ENV_FLAGS HL_USE_LAZY_MODE
+    HL_USE_TORCH_COMPILE HL_USE_TORCH_COMPILED_AUTOGRAD HL_REDIRECT_LOGS HL_DEVICE HL_PYTHON HL_TORCHRUN
+    HL_MPIRUN HL_DRY_RUN HL_CHECK_PATHS HL_PRECHECK HL_STRICT_ENV HL_EXIT_SIGNAL_HANDLER HL_SHUTDOWN_TIMEOUT
+    HL_DP HL_TP HL_PP HL_EP HL_SEQ_PARALLEL HL_MICRO_BATCH HL_GBS HL_SEQ_LEN HL_FISRT_PP_STAGE_LAYERS
+    HL_LAST_PP_STAGE_LAYERS HL_USE_DISTRIBUTED_OPTIMIZER HL_ENABLE_GRAD_REDUCE_OVERLAP
+    HL_ENABLE_PARAM_GATHER_OVERLAP HL_CKP_ACT HL_RECOMPUTE_NUM_LAYERS HL_MODEL HL_NUM_LAYERS
+    HL_MOE_SKIP_FIRST_LAYERS HL_NUM_EXPERTS HL_MOE_TOPK HL_NUM_HEADS HL_HIDDEN_SIZE HL_FFN_HIDDEN_SIZE
+    HL_MOE_FFN_HIDDEN_SIZE HL_SHARED_EXPERT_FFN_HIDDEN_SIZE HL_Q_LORA_RANK HL_KV_LORA_RANK HL_QK_HEAD_DIM
+    HL_QK_POS_EMB_HEAD_DIM HL_V_HEAD_DIM HL_MTP_NUM_LAYERS HL_MTP_LOSS_SCALING HL_TOKEN_DROP
+    HL_TOKEN_DISPATCHER_TYPE HL_MOE_GROUPED_GEMM HL_MOE_LAYER_RECOMPUTE HL_ENABLE_SHARED_EXPERT_OVERLAP
+    HL_AUX_LOSS_COEFF HL_DROPOUT HL_MOE_TOKEN_DISTRIBUTION_LOGGING HL_MOE_TOKEN_DISTRIBUTION_LOGGING_INTERVAL
+    HL_DTYPE HL_LR HL_MIN_LR HL_LR_WARMUP_ITERS HL_INIT_STD HL_SEED HL_DATA_DIR_ROOT HL_DATA_FILE_PREFIX
+    HL_DATA_PATH HL_DATA_CACHE_DIR HL_MOCK_DATA HL_SPLIT HL_TOKENIZER_TYPE HL_TOKENIZER_MODEL HL_VOCAB_SIZE
+    HL_NUM_WORKERS HL_TRAIN_ITERS HL_LR_DECAY_ITER HL_LOG_INTERVAL HL_EVAL_INTERVAL HL_EVAL_ITERS
+    HL_EXIT_INTERVAL HL_RESULTS_DIR HL_RESULTS_DIR_PREFIX HL_EXP_NAME HL_CHECKPOINTS_DIR HL_LOAD_DIR
+    HL_TENSORBOARD_DIR HL_SAVE HL_SAVE_INTERVAL HL_CKPT_FORMAT HL_VERIFY_CKPT HL_SAVE_DISTRIB_OPTIMIZER_METHOD
+    HL_LOAD_DISTRIB_OPTIMIZER_METHOD HL_KILL_SWITCH_FILE HL_KILL_SWITCH HL_DETERMINISTIC_MODE
+    HL_PROFILE_TYPE HL_PROFILE_STEP_START HL_PROFILE_STEP_END HL_PROFILE_RANKS HL_OPTIMIZER
+    HL_USE_FUSED_SDPA HL_USE_FUSED_SDPA_WITH_RECOMPUTE HL_USE_FAST_SOFTMAX HL_USE_FUSED_RMSNORM
+    HL_TRANSFORMER_IMPL
+)
+# An HL_* variable of the environment that is not in the list is a warning naming the closest
+# known variable (Levenshtein distance), or an error with HL_STRICT_ENV=1.
+STRICT_ENV=${HL_STRICT_ENV:-0}
+is_01 HL_STRICT_ENV "$STRICT_ENV"
+mapfile -t unknown_vars < <(compgen -e | grep '^HL_' | grep -vxF -f <(printf '%s\n' "${KNOWN_VARS[@]}") || true)
+if ((${#unknown_vars[@]} > 0)); then
+    while IFS=$'\t' read -r name closest; do
+        msg="$name is not a variable of this script and is ignored"
+        [[ -z "$closest" ]] || msg+="; did you mean $closest?"
+        if ((STRICT_ENV == 1)); then die "$msg (HL_STRICT_ENV=1)"; fi
+        warn "$msg (HL_STRICT_ENV=1 makes this an error)"
+    done < <(printf '%s\n' "${unknown_vars[@]}" | awk -v known="${KNOWN_VARS[*]}" '
+        function dist(a, b,    i, j, la, lb, cost, d, x, y, z) {
+            la = length(a); lb = length(b)
+            for (i = 0; i <= la; i++) d[i, 0] = i
+            for (j = 0; j <= lb; j++) d[0, j] = j
+            for (i = 1; i <= la; i++)
+                for (j = 1; j <= lb; j++) {
+                    cost = (substr(a, i, 1) == substr(b, j, 1)) ? 0 : 1
+                    x = d[i - 1, j] + 1; y = d[i, j - 1] + 1; z = d[i - 1, j - 1] + cost
+                    d[i, j] = (x < y ? (x < z ? x : z) : (y < z ? y : z))
+                }
+            return d[la, lb]
+        }
+        BEGIN { n = split(known, names, " ") }
+        {
+            best = ""; bestd = 1e9
+            for (k = 1; k <= n; k++) { dd = dist($0, names[k]); if (dd < bestd) { bestd = dd; best = names[k] } }
+            # suggest only a near miss: at most a third of the (prefix-less) name differs
+            print $0 "\t" ((bestd <= (length($0) - 3) / 3) ? best : "")
+        }')
+fi
 
 # ------------------------------------------------------------------ launch and cluster
 LAUNCHER_TYPE=${HL_LAUNCHER_TYPE:-mpirun}
@@ -44,7 +147,6 @@ TORCHRUN_MULTINODE=${HL_TORCHRUN_MULTINODE:-0}
 TORCHRUN_NODE_RANK=${HL_TORCHRUN_NODE_RANK:-0}
 TORCHRUN_MASTER_ADDR=${HL_TORCHRUN_MASTER_ADDR:-localhost}
 MASTER_PORT=${HL_MASTER_PORT:-12345}
-ENV_FLAGS=${HL_ENV_FLAGS:-}
 USE_LAZY_MODE=${HL_USE_LAZY_MODE:-0}
 USE_TORCH_COMPILE=${HL_USE_TORCH_COMPILE:-0}
 USE_TORCH_COMPILED_AUTOGRAD=${HL_USE_TORCH_COMPILED_AUTOGRAD:-0}
@@ -56,6 +158,8 @@ MPIRUN_BIN=${HL_MPIRUN:-mpirun}
 DRY_RUN=${HL_DRY_RUN:-0}
 CHECK_PATHS=${HL_CHECK_PATHS:-1}
 PRECHECK=${HL_PRECHECK:-}
+EXIT_SIGNAL_HANDLER=${HL_EXIT_SIGNAL_HANDLER:-0}
+SHUTDOWN_TIMEOUT=${HL_SHUTDOWN_TIMEOUT:-}
 
 # ------------------------------------------------------------------ parallelism and batch
 DP=${HL_DP:-2}
@@ -205,7 +309,7 @@ for v in HNIC:HL_HNIC TORCHRUN_MULTINODE:HL_TORCHRUN_MULTINODE USE_LAZY_MODE:HL_
     DETERMINISTIC_MODE:HL_DETERMINISTIC_MODE USE_FUSED_SDPA:HL_USE_FUSED_SDPA \
     USE_FUSED_SDPA_WITH_RECOMPUTE:HL_USE_FUSED_SDPA_WITH_RECOMPUTE USE_FAST_SOFTMAX:HL_USE_FAST_SOFTMAX \
     USE_FUSED_RMSNORM:HL_USE_FUSED_RMSNORM MOCK_DATA:HL_MOCK_DATA DRY_RUN:HL_DRY_RUN CHECK_PATHS:HL_CHECK_PATHS \
-    MOE_TOKEN_DISTRIBUTION_LOGGING:HL_MOE_TOKEN_DISTRIBUTION_LOGGING; do
+    MOE_TOKEN_DISTRIBUTION_LOGGING:HL_MOE_TOKEN_DISTRIBUTION_LOGGING EXIT_SIGNAL_HANDLER:HL_EXIT_SIGNAL_HANDLER; do
     var=${v%%:*}
     is_01 "${v#*:}" "${!var}"
 done
@@ -214,6 +318,7 @@ for v in AUX_LOSS_COEFF:HL_AUX_LOSS_COEFF DROPOUT:HL_DROPOUT LR:HL_LR MIN_LR:HL_
     is_num "${v#*:}" "${!var}"
 done
 [[ -z "$PRECHECK" ]] || is_01 HL_PRECHECK "$PRECHECK"
+[[ -z "$SHUTDOWN_TIMEOUT" ]] || is_int HL_SHUTDOWN_TIMEOUT "$SHUTDOWN_TIMEOUT" 1
 [[ -z "$SEED" ]] || is_int HL_SEED "$SEED" 0
 [[ -z "$MTP_NUM_LAYERS" ]] || is_int HL_MTP_NUM_LAYERS "$MTP_NUM_LAYERS" 0
 [[ -z "$MTP_LOSS_SCALING" ]] || is_num HL_MTP_LOSS_SCALING "$MTP_LOSS_SCALING"
@@ -246,23 +351,20 @@ done
 [[ "$CKPT_FORMAT" == torch_dist ]] || die "HL_CKPT_FORMAT: only torch_dist is implemented, got '$CKPT_FORMAT'"
 [[ "$DROPOUT" =~ ^0*\.?0*$ ]] || die "HL_DROPOUT must be 0 (the DeepSeek model has no dropout layers), got '$DROPOUT'"
 
-# Device: auto resolves here, on the launching node (HPU when hl-smi or /dev/accel exists, CUDA when
-# nvidia-smi exists, else CPU); pass HL_DEVICE explicitly when the launching node differs.
-if [[ "$DEVICE" == auto ]]; then
-    if command -v hl-smi >/dev/null 2>&1 || [[ -e /dev/accel/accel0 ]]; then
-        DEVICE=hpu
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        DEVICE=cuda
-    else
-        DEVICE=cpu
-    fi
-fi
-case "$DEVICE" in hpu) BACKEND=hccl ;; cuda) BACKEND=nccl ;; cpu) BACKEND=gloo ;; esac
+# Device: decided by the ranks at start-up (--device auto: hpu, else cuda, else cpu), never by the
+# launching node, which may have no accelerator at all. HL_USE_LAZY_MODE=1 means HPU. With auto
+# the HPU settings (PT_HPU_LAZY_MODE, the fused-kernel flags) are passed: off HPU they do nothing.
+[[ "$DEVICE" != auto || "$USE_LAZY_MODE" != 1 ]] || DEVICE=hpu
+[[ "$DEVICE" == hpu || "$USE_LAZY_MODE" == 0 ]] ||
+    die "HL_USE_LAZY_MODE=1 is HPU-only (HL_DEVICE=$DEVICE)"
+case "$DEVICE" in hpu) BACKEND=hccl ;; cuda) BACKEND=nccl ;; cpu) BACKEND=gloo ;; auto) BACKEND="" ;; esac
+HPU_SETTINGS=0
+[[ "$DEVICE" != hpu && "$DEVICE" != auto ]] || HPU_SETTINGS=1
 if [[ -z "$OPTIMIZER" ]]; then
-    if [[ "$DEVICE" == hpu ]]; then OPTIMIZER=fusedadamw; else OPTIMIZER=adam; fi
+    # fusedadamw is the original's default; off HPU it runs the same AdamW as adam
+    if ((HPU_SETTINGS == 1)); then OPTIMIZER=fusedadamw; else OPTIMIZER=adam; fi
 fi
 case "$OPTIMIZER" in adam | fusedadamw) ;; *) die "HL_OPTIMIZER must be adam or fusedadamw, got '$OPTIMIZER'" ;; esac
-[[ "$DEVICE" == hpu || "$USE_LAZY_MODE" == 0 ]] || die "HL_USE_LAZY_MODE=1 is HPU-only (HL_DEVICE=$DEVICE)"
 
 # Layout.
 NUM_DEVICES=$((NUM_NODES * DEVICES_PER_NODE))
@@ -302,6 +404,11 @@ if [[ "$LAUNCHER_TYPE" == torchrun ]]; then
         die "HL_NUM_NODES=$NUM_NODES with torchrun needs HL_TORCHRUN_MULTINODE=1 (then run this script once per node with HL_TORCHRUN_NODE_RANK)"
     fi
     ((TORCHRUN_NODE_RANK < NUM_NODES)) || die "HL_TORCHRUN_NODE_RANK ($TORCHRUN_NODE_RANK) must be less than HL_NUM_NODES ($NUM_NODES)"
+    # Each node runs this script: a derived results folder would carry each node's own start time,
+    # and the ranks of different nodes would save their parts of a checkpoint to different folders.
+    if ((NUM_NODES > 1)) && [[ -z "$OUTPUT_DIR" && -z "$CHECKPOINTS_DIR" ]]; then
+        die "HL_TORCHRUN_MULTINODE=1 needs HL_RESULTS_DIR (or HL_CHECKPOINTS_DIR), the same shared folder on every node"
+    fi
 fi
 if [[ -n "$HL_PPR" && -z "$HL_PE" ]]; then die "HL_PPR needs HL_PE (mapping ppr:\$HL_PPR:socket:PE=\$HL_PE)"; fi
 [[ -z "$HL_PE" ]] || is_int HL_PE "$HL_PE" 1
@@ -379,30 +486,31 @@ elif [[ "$LAUNCHER_TYPE" == torchrun ]]; then
 fi
 
 # ================================================================== command
-# Variables every rank gets (mpirun: -x NAME=value; torchrun: exported here).
+# Per-rank logs (stdout and stderr of every rank, also shown on the console): mpirun
+# --output-filename (<logs>/1/rank.N/stdout|stderr), torchrun --log-dir --tee
+# (<logs>/<run id>/attempt_0/<local rank>/stdout.log|stderr.log; console lines prefixed [defaultN]:).
+LOG_DIR=$OUTPUT_DIR/logs
+# Seconds the ranks get between SIGTERM and SIGKILL when the job is stopped (a signal to this
+# script, or a failed rank): with HL_EXIT_SIGNAL_HANDLER=1 they save a checkpoint in that time.
+GRACE_S=$SHUTDOWN_TIMEOUT
+((EXIT_SIGNAL_HANDLER == 0)) || GRACE_S=${GRACE_S:-30}
+
+# Variables every rank gets (mpirun: -x NAME=value; torchrun: exported here), then variables for
+# torchrun itself.
 RANK_ENV=()
-if [[ "$DEVICE" == hpu ]]; then
-    RANK_ENV+=("PT_HPU_LAZY_MODE=$USE_LAZY_MODE")
-fi
+((HPU_SETTINGS == 0)) || RANK_ENV+=("PT_HPU_LAZY_MODE=$USE_LAZY_MODE")
 if ((HNIC == 1)); then
-    RANK_ENV+=("HCCL_OVER_OFI=${HL_HCCL_OVER_OFI:-1}" "HCCL_GAUDI_DIRECT=${HL_HCCL_GAUDI_DIRECT:-1}" "FI_PROVIDER=${HL_FI_PROVIDER:-verbs}")
+    # HL_<name> first, then <name> from this environment, then the default.
+    RANK_ENV+=("HCCL_OVER_OFI=${HL_HCCL_OVER_OFI:-${HCCL_OVER_OFI:-1}}"
+        "HCCL_GAUDI_DIRECT=${HL_HCCL_GAUDI_DIRECT:-${HCCL_GAUDI_DIRECT:-1}}"
+        "FI_PROVIDER=${HL_FI_PROVIDER:-${FI_PROVIDER:-verbs}}")
 fi
-if [[ -n "$ENV_FLAGS" ]]; then
-    # Comma-separated NAME=value entries; a piece without NAME= continues the previous value, so
-    # values with commas survive (PT_HPU_RECIPE_CACHE_CONFIG=/path,false,1024).
-    IFS=',' read -r -a env_flag_list <<<"$ENV_FLAGS"
-    n_before=${#RANK_ENV[@]}
-    for flag in "${env_flag_list[@]}"; do
-        if [[ "$flag" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then
-            RANK_ENV+=("$flag")
-        elif ((${#RANK_ENV[@]} > n_before)); then
-            RANK_ENV[-1]+=",$flag"
-        elif [[ -n "$flag" ]]; then
-            die "HL_ENV_FLAGS: '$flag' is not NAME=value"
-        fi
-    done
+RANK_ENV+=(${FORWARD_ENV[@]+"${FORWARD_ENV[@]}"})
+TOOL_ENV=()
+if [[ "$LAUNCHER_TYPE" == torchrun && -n "$GRACE_S" ]]; then
+    TOOL_ENV+=("TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$GRACE_S")
 fi
-export PYTHONPATH="$MEGATRON_LM_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 LAUNCH=()
 if [[ "$LAUNCHER_TYPE" == mpirun ]]; then
@@ -418,16 +526,20 @@ if [[ "$LAUNCHER_TYPE" == mpirun ]]; then
         LAUNCH+=(--bind-to none)
     fi
     ((NUM_NODES == 1)) || LAUNCH+=(--hostfile "$HOSTSFILE")
+    [[ -z "$GRACE_S" ]] || LAUNCH+=(--mca odls_base_sigkill_timeout "$GRACE_S")
+    LAUNCH+=(--output-filename "$LOG_DIR")
     ((HNIC == 0)) || LAUNCH+=(-x LD_LIBRARY_PATH)
-    for kv in "${RANK_ENV[@]}"; do LAUNCH+=(-x "$kv"); done
+    for kv in ${RANK_ENV[@]+"${RANK_ENV[@]}"}; do LAUNCH+=(-x "$kv"); done
     LAUNCH+=(-x "PYTHONPATH=$PYTHONPATH" -x "MASTER_ADDR=$MASTER_ADDR" -x "MASTER_PORT=$MASTER_PORT")
 else
     LAUNCH=("$TORCHRUN_BIN" --nnodes "$NUM_NODES" --nproc_per_node "$DEVICES_PER_NODE" --no-python
-        --node_rank "$TORCHRUN_NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+        --node_rank "$TORCHRUN_NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+        --log-dir "$LOG_DIR" --tee 3)
 fi
 
-ARGS=("$PYTHON_BIN" "$MEGATRON_LM_ROOT/pretrain_gpt.py" --device "$DEVICE" --distributed-backend "$BACKEND"
-    --transformer-impl "$TRANSFORMER_IMPL")
+ARGS=("$PYTHON_BIN" "$REPO_ROOT/pretrain_gpt.py" --device "$DEVICE")
+[[ -z "$BACKEND" ]] || ARGS+=(--distributed-backend "$BACKEND")
+ARGS+=(--transformer-impl "$TRANSFORMER_IMPL")
 [[ -z "$MODEL" ]] || ARGS+=(--model-preset "$MODEL")
 ARGS+=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP")
 ((FISRT_PP_STAGE_LAYERS == 0)) || ARGS+=(--decoder-first-pipeline-num-layers "$FISRT_PP_STAGE_LAYERS")
@@ -514,9 +626,9 @@ fi
 ((ENABLE_PARAM_GATHER_OVERLAP == 0)) || ARGS+=(--overlap-param-gather)
 ((DETERMINISTIC_MODE == 0)) || ARGS+=(--deterministic-mode)
 
-# Device-specific flags: HPU kernels and lazy mode only on HPU.
+# Device-specific flags: HPU kernels and lazy mode unless the device is cpu or cuda.
 ARGS+=("--use-torch-compile=$USE_TORCH_COMPILE" "--use-torch-compiled-autograd=$USE_TORCH_COMPILED_AUTOGRAD")
-if [[ "$DEVICE" == hpu ]]; then
+if ((HPU_SETTINGS == 1)); then
     ARGS+=(--use-lazy-mode "$USE_LAZY_MODE" --use-fused-sdpa "$USE_FUSED_SDPA"
         --use-fused-sdpa-with-recompute "$USE_FUSED_SDPA_WITH_RECOMPUTE"
         --use-fast-softmax "$USE_FAST_SOFTMAX" --use-fused-rmsnorm "$USE_FUSED_RMSNORM")
@@ -539,6 +651,7 @@ if ((CHECKPOINT_SAVE == 1)); then
     ((VERIFY_CKPT == 0)) || ARGS+=(--verify-checkpoint --verify-checkpoint-model-type DEEPSEEK)
 fi
 [[ -z "$KILL_SWITCH_FILE" ]] || ARGS+=(--kill-switch-file "$KILL_SWITCH_FILE")
+((EXIT_SIGNAL_HANDLER == 0)) || ARGS+=(--exit-signal-handler)
 if [[ -n "$PROFILE_TYPE" ]]; then
     ARGS+=(--profile-type "$PROFILE_TYPE" --profile-step-start "$PROFILE_STEP_START" --profile-step-end "$PROFILE_STEP_END")
     if [[ -n "$PROFILE_RANKS" ]]; then
@@ -552,7 +665,9 @@ CMD=("${LAUNCH[@]}" "${ARGS[@]}")
 # ================================================================== report, check, launch
 print_settings() {
     echo "# pretrain_deepseek.sh resolved settings"
-    echo "launcher=$LAUNCHER_TYPE device=$DEVICE backend=$BACKEND nodes=$NUM_NODES devices_per_node=$DEVICES_PER_NODE world_size=$NUM_DEVICES"
+    local device=$DEVICE
+    [[ "$DEVICE" != auto ]] || device="auto (each rank picks hpu, else cuda, else cpu)"
+    echo "launcher=$LAUNCHER_TYPE nodes=$NUM_NODES devices_per_node=$DEVICES_PER_NODE world_size=$NUM_DEVICES device=$device${BACKEND:+ backend=$BACKEND}"
     echo "layout: DP=$DP TP=$TP PP=$PP EP=$EP seq_parallel=$SEQ_PARALLEL micro_batch=$MICRO_BATCH_SIZE global_batch=$GLOBAL_BATCH_SIZE seq_len=$SEQ_LEN"
     echo "model: ${MODEL:-deepseek-v3 (explicit flags)} layers=$NUM_LAYERS dense_first=$MOE_SKIP_FIRST_LAYERS experts=$NUM_EXPERTS topk=$TOPK heads=$NUM_HEADS mtp=${MTP_NUM_LAYERS:-preset}"
     echo "moe: dispatcher=$TOKEN_DISPATCHER_TYPE token_drop=$TOKEN_DROP grouped_gemm=$MOE_GROUPED_GEMM"
@@ -561,6 +676,8 @@ print_settings() {
     echo "results: $OUTPUT_DIR"
     echo "checkpoints: $CHECKPOINTS_DIR (load: $LOAD_DIR)"
     echo "tensorboard: $TENSORBOARD_DIR"
+    echo "per-rank logs: $LOG_DIR"
+    ((EXIT_SIGNAL_HANDLER == 0)) || echo "on SIGTERM / Ctrl-C: the ranks save, then exit (grace ${GRACE_S} s)"
     ((REDIRECT_LOGS == 0)) || echo "log: $LOG_FILE"
 }
 
@@ -595,25 +712,113 @@ fi
 if ((DRY_RUN == 1)); then
     print_settings
     echo "# command"
-    if [[ "$LAUNCHER_TYPE" == torchrun && ${#RANK_ENV[@]} -gt 0 ]]; then
+    if [[ "$LAUNCHER_TYPE" == torchrun ]] && ((${#TOOL_ENV[@]} + ${#RANK_ENV[@]} > 0)); then
         printf 'env '
-        printf '%q ' "${RANK_ENV[@]}"
+        printf '%q ' ${TOOL_ENV[@]+"${TOOL_ENV[@]}"} ${RANK_ENV[@]+"${RANK_ENV[@]}"}
     fi
     printf '%q ' "${CMD[@]}"
     echo
     exit 0
 fi
 
-mkdir -p "$OUTPUT_DIR" "$CHECKPOINTS_DIR" "$TENSORBOARD_DIR"
+mkdir -p "$OUTPUT_DIR" "$CHECKPOINTS_DIR" "$TENSORBOARD_DIR" "$LOG_DIR"
 if [[ -n "$GENERATED_HOSTSFILE" ]]; then
     awk -v slots="$DEVICES_PER_NODE" '!/^[[:space:]]*(#|$)/ {print $1 " slots=" slots}' "$DEFAULT_HOSTSFILE" >"$GENERATED_HOSTSFILE"
 fi
+
+# With HL_REDIRECT_LOGS=1 everything from here on (settings, ranks, launcher) also goes to $LOG_FILE.
+# The helper processes below ignore the terminal's signals: they must outlive the ranks' last words.
+TEE_PID=""
+if ((REDIRECT_LOGS == 1)); then
+    exec > >(trap '' INT TERM HUP; exec tee -a -- "$LOG_FILE") 2>&1
+    TEE_PID=$!
+fi
 print_settings
 if [[ "$LAUNCHER_TYPE" == torchrun ]]; then
-    for kv in "${RANK_ENV[@]}"; do export "${kv?}"; done
+    for kv in ${TOOL_ENV[@]+"${TOOL_ENV[@]}"} ${RANK_ENV[@]+"${RANK_ENV[@]}"}; do export "${kv?}"; done
 fi
-if ((REDIRECT_LOGS == 1)); then
-    "${CMD[@]}" 2>&1 | tee "$LOG_FILE"
+
+# The stderr of the launcher tool and of every rank passes through this filter to the console and
+# into <logs>/launcher_stderr.log. A user error reported by a rank (pretrain_gpt.py prints
+# `error: <message>`) is shown once, with the log folder, and written to <logs>/error.txt; what
+# follows it (ranks being stopped, the tool's failure report) goes to the log file only.
+ERROR_FILE=$LOG_DIR/error.txt
+# torchrun's own traceback when it is stopped by a signal (SignalException) is logged only: the
+# launcher has already said why the job stops.
+filter_stderr() {
+    trap '' INT TERM HUP
+    set +e
+    local line quiet=0 re='^(\[[A-Za-z_]+[0-9]+\]:)?error: (.*)$'
+    local -a traceback=()
+    exec 3>>"$LOG_DIR/launcher_stderr.log"
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        printf '%s\n' "$line" >&3
+        ((quiet == 0)) || continue
+        if ((${#traceback[@]} > 0)); then
+            traceback+=("$line")
+            [[ "$line" == [[:space:]]* ]] && continue  # the exception line (not indented) ends it
+            [[ "$line" == *SignalException:*signal* ]] || printf '%s\n' "${traceback[@]}" >&2
+            traceback=()
+        elif [[ "$line" == "Traceback (most recent call last):" ]]; then
+            traceback=("$line")
+        elif [[ "$line" =~ $re ]]; then
+            printf '%s\n' "${BASH_REMATCH[2]}" >"$ERROR_FILE"
+            printf 'error: %s (per-rank logs: %s)\n' "${BASH_REMATCH[2]}" "$LOG_DIR" >&2
+            quiet=1
+        else
+            printf '%s\n' "$line" >&2
+        fi
+    done
+    ((${#traceback[@]} == 0)) || printf '%s\n' "${traceback[@]}" >&2
+}
+exec {filter_fd}> >(filter_stderr)
+FILTER_PID=$!
+
+# The job runs in a session of its own, so a Ctrl-C in the terminal reaches only this script,
+# which stops the job the same way as SIGTERM: SIGTERM to torchrun / mpirun, which pass it to every
+# rank and SIGKILL what is left after the grace time (HL_SHUTDOWN_TIMEOUT).
+CHILD=""
+STOP_SIGNAL=""
+stop_job() {
+    if [[ -z "$CHILD" ]]; then exit 130; fi
+    if [[ -n "$STOP_SIGNAL" ]]; then
+        note "SIG$1 again: the ranks are already being stopped${GRACE_S:+ (at most ${GRACE_S} s)}"
+        return
+    fi
+    STOP_SIGNAL=$1
+    if ((EXIT_SIGNAL_HANDLER == 1)); then
+        note "SIG$1: stopping every rank; they save a checkpoint first (at most ${GRACE_S} s)"
+    else
+        note "SIG$1: stopping every rank (HL_EXIT_SIGNAL_HANDLER=1 would save a checkpoint first)"
+    fi
+    kill -TERM "$CHILD" 2>/dev/null || true
+}
+trap 'stop_job INT' INT
+trap 'stop_job TERM' TERM
+trap 'stop_job HUP' HUP
+if command -v setsid >/dev/null 2>&1; then
+    setsid "${CMD[@]}" 2>&"$filter_fd" &
 else
-    "${CMD[@]}"
+    "${CMD[@]}" 2>&"$filter_fd" &
 fi
+CHILD=$!
+rc=0
+while :; do
+    rc=0
+    wait "$CHILD" || rc=$?
+    kill -0 "$CHILD" 2>/dev/null || break  # wait returned early for a trapped signal
+done
+trap - INT TERM HUP
+
+exec {filter_fd}>&-
+wait "$FILTER_PID" 2>/dev/null || true
+if [[ -f "$ERROR_FILE" ]]; then
+    rc=2
+elif [[ -n "$STOP_SIGNAL" ]]; then
+    case "$STOP_SIGNAL" in INT) rc=130 ;; TERM) rc=143 ;; HUP) rc=129 ;; esac
+fi
+if [[ -n "$TEE_PID" ]]; then
+    exec >&- 2>&-
+    wait "$TEE_PID" 2>/dev/null || true
+fi
+exit "$rc"

@@ -213,9 +213,12 @@ def test_torchrun_single_node(launch):
     assert t[t.index("--no-python", i) :].count("--master_port") == 1
 
 
-def test_torchrun_multinode(launch):
+def test_torchrun_multinode(launch, tmp_path):
     env = {"HL_LAUNCHER_TYPE": "torchrun", "HL_NUM_NODES": "2", "HL_DP": "4"}
     fails(launch(env), "HL_TORCHRUN_MULTINODE")
+    # every node runs the script: the results folder must be named, not derived from the start time
+    fails(launch({**env, "HL_TORCHRUN_MULTINODE": "1"}), "HL_TORCHRUN_MULTINODE", "HL_RESULTS_DIR")
+    env["HL_RESULTS_DIR"] = str(tmp_path / "shared results")
     r = ok(launch({**env, "HL_TORCHRUN_MULTINODE": "1", "HL_TORCHRUN_NODE_RANK": "1",
                    "HL_TORCHRUN_MASTER_ADDR": "10.9.9.9", "HL_MASTER_PORT": "29500"}))
     assert r.after("--nnodes") == "2" and r.after("--node_rank") == "1"
@@ -241,14 +244,30 @@ def test_cuda_backend_and_mpirun(launch):
     assert "--use-fused-sdpa" not in r.tokens
 
 
-def test_auto_device_detection(launch, tmp_path):
+@pytest.mark.parametrize("tool", [None, "nvidia-smi", "hl-smi"])
+def test_auto_device_is_decided_by_the_ranks(launch, tmp_path, tool):
+    """Whatever the launching node has (nothing, nvidia-smi, hl-smi), auto stays auto: the ranks
+    detect their device at start-up, and the HPU settings travel with the command."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
-    (fake / "nvidia-smi").chmod(0o755)
-    r = ok(launch({"HL_DEVICE": "auto", "PATH": f"{fake}:/usr/bin:/bin"}))
-    expected = "hpu" if os.path.exists("/dev/accel/accel0") else "cuda"
-    assert r.after("--device") == expected
+    if tool:
+        (fake / tool).write_text("#!/bin/sh\nexit 0\n")
+        (fake / tool).chmod(0o755)
+    for env in ({"HL_DEVICE": "auto"}, {"HL_DEVICE": None}):
+        r = ok(launch({**env, "PATH": f"{fake}:/usr/bin:/bin"}))
+        assert r.after("--device") == "auto" and "--distributed-backend" not in r.tokens
+        assert "PT_HPU_LAZY_MODE=0" in r.x_vars() and r.after("--use-lazy-mode") == "0"
+        assert r.after("--use-fused-sdpa") == "1" and r.after("--use-fused-rmsnorm") == "1"
+        assert r.after("--optimizer") == "fusedadamw"  # the original's default (AdamW off HPU too)
+
+
+def test_lazy_mode_means_hpu(launch):
+    """HL_USE_LAZY_MODE=1 (Intel's README examples) is an HPU run, also on a launching node
+    without a card, and also when HL_DEVICE is unset."""
+    for env in ({"HL_DEVICE": None}, {"HL_DEVICE": "auto"}, {"HL_DEVICE": "hpu"}):
+        r = ok(launch({**env, "HL_USE_LAZY_MODE": "1", "PATH": "/usr/bin:/bin"}))
+        assert r.after("--device") == "hpu" and r.after("--distributed-backend") == "hccl"
+        assert "PT_HPU_LAZY_MODE=1" in r.x_vars() and r.after("--use-lazy-mode") == "1"
 
 
 def test_lazy_mode_only_on_hpu(launch):
