@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.dist_utils import free_port
+
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "examples" / "deepseek" / "pretrain_deepseek.sh"
 
@@ -47,18 +49,10 @@ def _env(tmp_path: Path, launcher: str) -> dict:
         HL_SAVE="1",
         HL_RESULTS_DIR=str(tmp_path / f"results {launcher}"),  # a space in the path must survive
         HL_ENV_FLAGS="OMP_NUM_THREADS=1",
-        HL_MASTER_PORT=str(_free_port()),
+        HL_MASTER_PORT=str(free_port()),
     )
     env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(tmp_path: Path, launcher: str) -> str:
