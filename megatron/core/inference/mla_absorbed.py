@@ -63,28 +63,33 @@ def absorbed_attention(
     b, s, _ = hidden.shape
     n, nope, rope_dim, kv_lora = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank
     rope_cfg = attn.config.rope
-    cos, sin = rotary
+    cos, sin = (t.transpose(1, 2) for t in rotary)  # [b, s, 1, rope/2]: tokens before heads below
 
     if attn.q_lora_rank is None:
         q = attn.q_proj(hidden)
     else:
         q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(hidden)))
-    q = q.view(b, s, n, nope + rope_dim).transpose(1, 2)  # [b, n, s, nope + rope]
-    q_nope, q_rope = q.split([nope, rope_dim], dim=-1)
-    q_rope = apply_rotary(q_rope, cos, sin, rope_cfg)  # [b, n, s, rope]
+    q_nope, q_rope = q.view(b, s, n, nope + rope_dim).split([nope, rope_dim], dim=-1)
+    q_rope = apply_rotary(q_rope, cos, sin, rope_cfg)  # [b, s, n, rope]
 
     latent, k_rope = attn.kv_a_proj_with_mqa(hidden).split([kv_lora, rope_dim], dim=-1)
     latent = attn.kv_a_layernorm(latent)  # [b, s, kv_lora]
-    k_rope = apply_rotary(k_rope.unsqueeze(1), cos, sin, rope_cfg).squeeze(1)  # [b, s, rope]
+    k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin, rope_cfg).squeeze(2)  # [b, s, rope]
     cache.write(slots, latent, k_rope)
 
+    # All heads share the cached keys, so the heads are folded into the query rows and each
+    # product is one batched matmul over the batch (no copy of the cache per head), and the
+    # absorbed weights are applied per head as one batched matmul over the heads.
     w_uk, w_uv = absorbed_weights(attn)
-    q_latent = torch.matmul(q_nope, w_uk)  # [b, n, s, nope] @ [n, nope, kv_lora] -> [b, n, s, kv_lora]
-    query = torch.cat((q_latent, q_rope.to(q_latent.dtype)), dim=-1)  # [b, n, s, kv_lora + rope]
-    keys = cache.view(kv_len).unsqueeze(1)  # [b, 1, L, kv_lora + rope], shared by all heads
-    scores = torch.matmul(query, keys.transpose(-1, -2)).float() * attn.softmax_scale  # [b, n, s, L]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(keys.dtype)
-    context = torch.matmul(probs, keys[..., :kv_lora])  # [b, n, s, kv_lora]
-    out = torch.matmul(context, w_uv.transpose(-1, -2))  # [b, n, s, v]
-    return attn.o_proj(out.transpose(1, 2).reshape(b, s, n * attn.v_head_dim))
+    q_nope = q_nope.permute(2, 0, 1, 3).reshape(n, b * s, nope)  # [n, b*s, nope]
+    q_latent = torch.bmm(q_nope, w_uk).view(n, b, s, kv_lora).permute(1, 2, 0, 3)  # [b, s, n, kv_lora]
+    query = torch.cat((q_latent, q_rope.to(q_latent.dtype)), dim=-1).reshape(b, s * n, kv_lora + rope_dim)
+    keys = cache.view(kv_len)  # [b, L, kv_lora + rope]
+    scores = torch.bmm(query, keys.transpose(1, 2)).float() * attn.softmax_scale  # [b, s*n, L]
+    scores = scores.view(b, s, n, -1).masked_fill(~mask.view(b, s, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(keys.dtype).view(b, s * n, -1)
+    context = torch.bmm(probs, keys[..., :kv_lora])  # [b, s*n, kv_lora]
+    context = context.view(b, s, n, kv_lora).permute(2, 0, 1, 3).reshape(n, b * s, kv_lora)
+    out = torch.bmm(context, w_uv.transpose(1, 2))  # [n, b*s, v]
+    out = out.view(n, b, s, attn.v_head_dim).permute(1, 2, 0, 3)  # [b, s, n, v]
+    return attn.o_proj(out.reshape(b, s, n * attn.v_head_dim))
