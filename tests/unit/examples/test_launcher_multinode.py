@@ -110,11 +110,11 @@ def _user_error_case(results: Path, launcher: str, **extra: str):
 @pytest.mark.parametrize("launcher", ["torchrun", pytest.param("mpirun", marks=needs_mpirun)])
 def test_user_error_in_ranks_is_one_line(tmp_path, launcher):
     results = tmp_path / "results"
-    extra = {}
+    extra = {"HL_REDIRECT_LOGS": "1"}  # the console copy in the results folder gets the same one line
     if launcher == "mpirun":
         hosts = tmp_path / "hosts"
         hosts.write_text("127.0.0.1 slots=2\n127.0.0.2 slots=2\n")
-        extra = dict(HL_NUM_NODES="2", HL_DEVICES_PER_NODE="2", HL_HOSTSFILE=str(hosts),
+        extra.update(HL_NUM_NODES="2", HL_DEVICES_PER_NODE="2", HL_HOSTSFILE=str(hosts),
                      OMPI_MCA_plm_rsh_agent=str(RSH_AGENT))
     rc, out = _user_error_case(results, launcher, **extra)
     assert rc == 2, out[-4000:]
@@ -127,4 +127,9 @@ def test_user_error_in_ranks_is_one_line(tmp_path, launcher):
     assert "sequence-parallel" in (results / "logs" / "error.txt").read_text()
     # what the console did not show is kept: the tool's report in launcher_stderr.log
     assert (results / "logs" / "launcher_stderr.log").read_text().count("error: ") >= 1
+    console_copy = list(results.glob("log_*.txt"))
+    assert len(console_copy) == 1
+    copied = console_copy[0].read_text()
+    assert [line for line in copied.splitlines() if "error:" in line or "Error" in line] == errors
+    assert "Traceback" not in copied
     assert no_processes_left(str(results)) == []
