@@ -22,6 +22,7 @@ from megatron.core import communication as comm
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.parallel_state import ParallelState
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.timers import TimedIterator, Timers
 from megatron.training.arguments import parse_args
 from megatron.training.config import RunConfig, format_run_config
 from megatron.training.flops import flops_per_token, measured_matmul_peak, peak_flops
@@ -85,6 +86,10 @@ class _Run:
         self.iteration, self.consumed, self.forward_step, self.rank = iteration, consumed, forward_step, rank
         self.schedule = get_forward_backward_func(run.parallel.pipeline_model_parallel_size)
         self.torch_device = next(stage.model.parameters()).device  # where this rank's collectives run
+        lg = run.logging
+        self.timers = Timers(enabled=lg.log_timers_to_tensorboard or lg.timing_log_level > 0,
+                             synchronize=device.synchronize)
+        stage.model.set_timers(self.timers)
         self.sigterm = False
         self.start_time = time.time()
         self.loss_history: List[Dict[str, Any]] = []  # one entry per iteration run by this process
@@ -106,6 +111,7 @@ class _Run:
             dtype=next(self.model.parameters()).dtype, parallel_state=self.state, forward_only=forward_only,
             device=self.device, grad_sync_context=None if forward_only else self.stage.ddp.no_sync,
             aux_loss_scale_func=None if forward_only else self.model.set_moe_aux_loss_scale,
+            timers=self.timers,
         )
 
     def reduce_losses(self, reported: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
@@ -130,12 +136,13 @@ def train_step(r: _Run) -> Tuple[Dict[str, float], bool, Optional[float], Option
         for _ in range(r.run.num_microbatches):
             next(r.iterators["train"])
         return {}, False, None, None
-    reported = r.run_schedule(r.iterators["train"], forward_only=False)
+    reported = r.run_schedule(TimedIterator(r.iterators["train"], r.timers), forward_only=False)
     r.device.mark_step()
     finalize_model_grads([r.stage.ddp], r.state)
     r.stage.ddp.finish_param_sync()  # a bucket no forward used this step is still in flight
     opt.set_lr(r.scheduler.get_lr())
-    ok, grad_norm, num_zeros = opt.step()
+    with r.timers("optimizer"):
+        ok, grad_norm, num_zeros = opt.step()
     losses = r.reduce_losses(reported)
     if ok:
         r.model.update_expert_bias()
@@ -347,7 +354,7 @@ def train(r: _Run) -> str:
         if ok:
             r.scheduler.step(1)
             last_norm, last_zeros = grad_norm, num_zeros
-        r.logger.add(losses, skipped=not ok, nan=nan, timers={"train-step": step_time})
+        r.logger.add(losses, skipped=not ok, nan=nan, timers={"train-step": step_time, **r.timers.read()})
         r.loss_history.append({"iteration": r.iteration, "skipped": not ok, **losses})
         profiler.after(r.iteration)
         if r.iteration % lg.log_interval == 0:

@@ -116,8 +116,12 @@ class TrainingLogger:
             self.scalar("iteration-time", elapsed, step)
             if self.run.logging.log_world_size_to_tensorboard:
                 self.scalar("world-size", self.world_size, step)
-            for k, v in self.timer_sums.items():
-                self.scalar(f"timers/{k}", v / max(self.iters_in_window, 1), step)
+            if self.run.logging.log_timers_to_tensorboard:
+                for k, v in self.timer_sums.items():
+                    self.scalar(f"timers/{k}", v / max(self.iters_in_window, 1), step)
+            if self.run.logging.timing_log_level > 0 and self.timer_sums:
+                per_iter = {k: 1e3 * v / max(self.iters_in_window, 1) for k, v in sorted(self.timer_sums.items())}
+                self.print_fn("(ms per iteration) " + " | ".join(f"{k}: {v:.1f}" for k, v in per_iter.items()), flush=True)
             for k, v in (extra or {}).items():
                 self.scalar(k, v, step)
         self._reset()

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from megatron.core.parallel_state import ParallelState
+from megatron.core.timers import DISABLED, Timers
 from megatron.core.pipeline_parallel.p2p import P2PCommunicator
 
 LossFunc = Callable[[torch.Tensor], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
@@ -114,7 +115,9 @@ class _Runner:
         is_last_stage: bool,
         forward_only: bool,
         device: Optional[Any],
+        timers: Timers = DISABLED,
     ) -> None:
+        self.timers = timers
         self.forward_step_func = forward_step_func
         self.data_iterator = data_iterator
         self.model = model
@@ -131,7 +134,8 @@ class _Runner:
     def forward(self, input_tensor: Optional[torch.Tensor]) -> torch.Tensor:
         """Run one micro-batch; on the last stage return its loss / num_microbatches (a scalar)."""
         _set_input(self.model, input_tensor)
-        output_tensor, loss_func = self.forward_step_func(self.data_iterator, self.model)
+        with self.timers("forward"):
+            output_tensor, loss_func = self.forward_step_func(self.data_iterator, self.model)
         if self.is_last_stage:
             loss, reported = loss_func(output_tensor)
             if loss.numel() != 1:
@@ -153,10 +157,11 @@ class _Runner:
         On the last stage ``output_tensor`` is the scaled scalar loss and ``output_grad`` None; on
         other stages ``output_grad`` is the gradient received for ``output_tensor`` (same shape).
         """
-        if output_grad is None:
-            torch.autograd.backward(output_tensor)
-        else:
-            torch.autograd.backward(output_tensor, grad_tensors=output_grad)
+        with self.timers("backward"):
+            if output_grad is None:
+                torch.autograd.backward(output_tensor)
+            else:
+                torch.autograd.backward(output_tensor, grad_tensors=output_grad)
         self._mark_step()
         if input_tensor is None:
             return None
@@ -179,6 +184,7 @@ def forward_backward_no_pipelining(
     device: Optional[Any] = None,
     grad_sync_context: Optional[Callable[[], ContextManager]] = None,
     aux_loss_scale_func: Optional[Callable[[float], None]] = None,
+    timers: Timers = DISABLED,
 ) -> Reported:
     """Gradient accumulation over ``num_microbatches`` on one stage (PP=1): forward then backward
     of each micro-batch in turn, so only one micro-batch's activations are alive at a time.
@@ -195,7 +201,7 @@ def forward_backward_no_pipelining(
     model = _unwrap_model(model)
     if aux_loss_scale_func is not None:
         aux_loss_scale_func(1.0 / num_microbatches)
-    runner = _Runner(forward_step_func, data_iterator, model, num_microbatches, True, forward_only, device)
+    runner = _Runner(forward_step_func, data_iterator, model, num_microbatches, True, forward_only, device, timers)
     if forward_only:
         with torch.no_grad():
             for _ in range(num_microbatches):
@@ -227,6 +233,7 @@ def forward_backward_pipelining_1f1b(
     device: Optional[Any] = None,
     grad_sync_context: Optional[Callable[[], ContextManager]] = None,
     aux_loss_scale_func: Optional[Callable[[float], None]] = None,
+    timers: Timers = DISABLED,
 ) -> Reported:
     """One-forward-one-backward pipeline schedule (PipeDream-Flush) on this stage.
 
@@ -243,7 +250,7 @@ def forward_backward_pipelining_1f1b(
     if aux_loss_scale_func is not None:
         aux_loss_scale_func(1.0 / num_microbatches)
     runner = _Runner(
-        forward_step_func, data_iterator, model, num_microbatches, comm.is_last_stage, forward_only, device
+        forward_step_func, data_iterator, model, num_microbatches, comm.is_last_stage, forward_only, device, timers
     )
 
     if forward_only:

@@ -181,3 +181,22 @@ def test_padded_moe_step_has_the_same_shapes_whatever_the_routing():
             torch.arange(3)[mask]
         recorded.append(rec.ops)
     assert recorded[0] != recorded[1]
+
+
+def test_timers_reach_tensorboard(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pretrain(RUN + ["--train-iters", "2", "--log-timers-to-tensorboard", "--timing-log-level", "1",
+                    "--tensorboard-dir", str(tmp_path / "tb")])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("forward", "backward", "optimizer", "data", "moe-dispatch", "moe-combine", "train-step"):
+        assert f"timers/{name}" in tags, sorted(tags)
+        assert all(e.value > 0 for e in events.Scalars(f"timers/{name}")), name
+    assert "(ms per iteration) backward:" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    pretrain(RUN + ["--train-iters", "1", "--tensorboard-dir", str(plain)])
+    quiet = EventAccumulator(str(plain))
+    quiet.Reload()
+    assert not [t for t in quiet.Tags()["scalars"] if t.startswith("timers/")]

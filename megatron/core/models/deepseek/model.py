@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.core.config import DeepSeekConfig, RecomputeConfig
 from megatron.core.models.deepseek.init import initialize_parameters
+from megatron.core.timers import Timers
 from megatron.core.tensor_parallel import VocabParallelEmbedding, gather_from_region, vocab_parallel_cross_entropy
 from megatron.core.transformer.parallel_context import SEQUENCE_DIM, SINGLE_DEVICE, ParallelContext
 from megatron.core.transformer.mla import MultiLatentAttention
@@ -245,6 +246,11 @@ class DeepSeekModel(nn.Module):
 
     def moe_layers(self) -> List[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def set_timers(self, timers: Timers) -> None:
+        """Time the MoE layers' token dispatch and combine ("moe-dispatch", "moe-combine")."""
+        for moe in self.moe_layers():
+            moe.timers = timers
 
     def set_moe_aux_loss_scale(self, scale: float) -> None:
         """Gradient factor of every MoE auxiliary loss (1 / micro-batches per step, like the LM loss)."""

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from megatron.core.config import DeepSeekConfig, MoEConfig
+from megatron.core.timers import DISABLED, Timers
 from megatron.core.transformer.mlp import SwiGLUMLP
 from megatron.core.transformer.parallel_context import SINGLE_DEVICE, ExpertParallelContext, ParallelContext
 from megatron.core.transformer.moe.allgather_dispatcher import AllGatherTokenDispatcher
@@ -85,6 +86,7 @@ class MoELayer(nn.Module):
         if moe.num_shared_experts > 0:
             self.shared_experts = SwiGLUMLP(config.hidden_size, moe.ffn_hidden_size * moe.num_shared_experts)
         self.last_stats: Optional[MoEStats] = None
+        self.timers: Timers = DISABLED  # "moe-dispatch" / "moe-combine" when the run times its steps
 
     @torch.no_grad()
     def load_full_expert_weights(self, full_gate_up: torch.Tensor, full_down: torch.Tensor) -> None:
@@ -111,15 +113,19 @@ class MoELayer(nn.Module):
         flat = hidden.reshape(-1, self.hidden_size)
         flat_mask = None if token_mask is None else token_mask.reshape(-1)
 
-        rows, plan = self.dispatcher.dispatch_preprocess(flat, routing.probs, routing.indices, flat_mask)
-        pending = self.dispatcher.dispatch_async(rows, plan)
+        with self.timers("moe-dispatch"):
+            rows, plan = self.dispatcher.dispatch_preprocess(flat, routing.probs, routing.indices, flat_mask)
+            pending = self.dispatcher.dispatch_async(rows, plan)
         shared = None
         if self.shared_experts is not None and self.overlap_shared_experts:
             # The shared experts need no routing: compute them while the dispatch exchange is in flight.
             shared = self.shared_experts(flat)
-        expert_out = self._run_experts(pending.wait(), plan)
-        expert_out = self.dispatcher.combine(expert_out, plan)
-        out = self.dispatcher.combine_postprocess(expert_out, plan).to(hidden.dtype)
+        with self.timers("moe-dispatch"):
+            received = pending.wait()
+        expert_out = self._run_experts(received, plan)
+        with self.timers("moe-combine"):
+            expert_out = self.dispatcher.combine(expert_out, plan)
+            out = self.dispatcher.combine_postprocess(expert_out, plan).to(hidden.dtype)
         if self.shared_experts is not None and not self.overlap_shared_experts:
             shared = self.shared_experts(flat)
 
