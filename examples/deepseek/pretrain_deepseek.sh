@@ -510,7 +510,13 @@ TOOL_ENV=()
 if [[ "$LAUNCHER_TYPE" == torchrun && -n "$GRACE_S" ]]; then
     TOOL_ENV+=("TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$GRACE_S")
 fi
-export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# This checkout first on PYTHONPATH (once), ahead of e.g. another Megatron-LM checkout.
+python_path=$REPO_ROOT
+IFS=':' read -r -a path_entries <<<"${PYTHONPATH:-}"
+for entry in ${path_entries[@]+"${path_entries[@]}"}; do
+    [[ "$entry" == "$REPO_ROOT" || "$entry" == "$REPO_ROOT/" ]] || python_path+=":$entry"
+done
+export PYTHONPATH=$python_path
 
 LAUNCH=()
 if [[ "$LAUNCHER_TYPE" == mpirun ]]; then

@@ -164,6 +164,7 @@ def assert_intel_common(r: Run, lazy: bool = True) -> None:
     assert r.after("--use-fused-sdpa") == "1" and r.after("--use-fused-rmsnorm") == "1"
     assert r.after("--optimizer") == "fusedadamw" and "--bf16" in r.tokens
     assert r.tokens[r.tokens.index("--device") - 1] == str(ROOT / "pretrain_gpt.py")
+    assert f"PYTHONPATH={ROOT}" in r.x_vars()  # the exported PYTHONPATH=$MEGATRON_LM_ROOT, once
     assert r.after("--moe-token-dispatcher-type") == "alltoall" and r.after("--moe-expert-capacity-factor") == "1.0"
     if lazy:  # the two full command lines name Intel's data and tokenizer folders
         assert r.after("--tokenizer-model") == "/data/deepseek_tokenizer"
