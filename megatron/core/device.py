@@ -53,18 +53,24 @@ class Device:
 
     # ---- placement and processes ------------------------------------------------------
     def torch_device(self, local_rank: int = 0) -> torch.device:
-        """The device a process with this local rank computes on (CPU ranks share the CPU)."""
+        """The device a process with this local rank computes on (CPU ranks share the CPU).
+
+        CUDA: every process sees all GPUs and addresses its own as cuda:<local rank>. Gaudi: the
+        HCCL bridge gives each process ONE card, the one whose module ID equals the process's local
+        rank (LOCAL_RANK / OMPI_COMM_WORLD_LOCAL_RANK, Intel's "Gaudi-to-process assignment";
+        HABANA_VISIBLE_MODULES narrows the choice), and the process addresses it as plain "hpu".
+        """
         if self.kind == "cpu":
             return torch.device("cpu")
+        if self.kind == "hpu":
+            return torch.device("hpu")
         return torch.device(self.kind, local_rank)
 
     def set_device(self, local_rank: int) -> None:
+        """Select this process's device: CUDA by index; on Gaudi the card is assigned from the local
+        rank when the HCCL process group starts, so there is nothing to select."""
         if self.kind == "cuda":
             torch.cuda.set_device(local_rank)
-        elif self.kind == "hpu":
-            hpu = self._module("habana_frameworks.torch.hpu")
-            if hpu is not None and hasattr(hpu, "set_device"):
-                hpu.set_device(local_rank)
 
     @property
     def dist_backend(self) -> str:
@@ -184,6 +190,75 @@ class Device:
             return None
         norm = self._module("habana_frameworks.torch.hpex.normalization")
         return getattr(norm, "FusedRMSNorm", None) if norm is not None else None
+
+    def fused_rope(self) -> Optional[Any]:
+        """Intel's RotaryPosEmbeddingHelperV1 on HPU, else None (callers use the torch formula).
+
+        An autograd Function: apply(x, cos, sin, offset) -> x * cos + rotate_half(x) * sin
+        (Intel's BLOCKWISE mode) with cos/sin as wide as x's last dimension.
+        """
+        if self.kind != "hpu":
+            return None
+        kernels = self._module("habana_frameworks.torch.hpex.kernels")
+        return getattr(kernels, "RotaryPosEmbeddingHelperV1", None) if kernels is not None else None
+
+    def fused_clip_norm(self) -> Optional[Any]:
+        """Intel's FusedClipNorm class on HPU, else None (callers use torch's foreach norm and scale).
+
+        FusedClipNorm(parameters, max_norm).clip_norm(parameters) -> total L2 norm (a device
+        tensor) of the `.grad` of those parameters, after scaling them in place by
+        max_norm / (norm + 1e-6) when that is below 1.
+        """
+        if self.kind != "hpu":
+            return None
+        norm = self._module("habana_frameworks.torch.hpex.normalization")
+        return getattr(norm, "FusedClipNorm", None) if norm is not None else None
+
+    def fused_adamw(self) -> Optional[Any]:
+        """Intel's FusedAdamW optimizer class (habana_frameworks.torch.hpex.optimizers) on HPU, else None.
+
+        A torch.optim.Optimizer: FusedAdamW(params, lr=..., betas=(b1, b2), eps=..., weight_decay=...).
+        """
+        if self.kind != "hpu":
+            return None
+        optimizers = self._module("habana_frameworks.torch.hpex.optimizers")
+        return getattr(optimizers, "FusedAdamW", None) if optimizers is not None else None
+
+    def fused_moe(self) -> Optional[Callable[..., torch.Tensor]]:
+        """torch.ops.hpu.mixture_of_experts on HPU (registered by habana_frameworks.torch), else None.
+
+        Called with keywords hidden_states [T, H], expert_routing_table [T, k], router_weights [T, k],
+        w12 (per-expert [2I, H]), w3 (per-expert [H, I]), permuted_weights, activation,
+        experts_min, experts_max; returns [T, H].
+        """
+        if self.kind != "hpu" or self._module("habana_frameworks.torch.core") is None:
+            return None
+        try:
+            return getattr(torch.ops.hpu, "mixture_of_experts")
+        except (AttributeError, RuntimeError):
+            return None
+
+    def compile_backend(self) -> str:
+        """torch.compile backend: Intel's "hpu_backend" on Gaudi (registered when
+        habana_frameworks.torch imports), inductor on CUDA and CPU."""
+        if self.kind == "hpu":
+            self._module("habana_frameworks.torch.core")
+            return "hpu_backend"
+        return "inductor"
+
+    def sdpa_takes_value_head_dim(self, query: torch.Tensor, value: torch.Tensor) -> bool:
+        """Whether torch SDPA has a fused kernel for a value head size different from the query's.
+
+        CPU: no (its flash kernel wants one head size; the math path is the only taker). CUDA:
+        the cuDNN kernel does on Hopper and newer in fp16/bf16 (e.g. d_qk 192, d_v 128); other
+        GPUs and dtypes would fall to the memory-efficient kernel, slower than flash with a padded v.
+        """
+        if self.kind != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if query.shape[-1] > 256 or value.shape[-1] > 256:
+            return False
+        major, _ = torch.cuda.get_device_capability(query.device)
+        return major >= 9
 
 
 def detect_device_kind(importer: Callable[[str], Optional[ModuleType]] = _import_optional) -> str:
