@@ -283,7 +283,8 @@ def test_unknown_variable_warns_with_the_closest_known_name(tmp_path):
     r = ok(dry_run(tmp_path, {"HL_TRAIN_ITER": "7", "HL_TRAIN_ITERS": "20"}))
     warnings = [line for line in r.err.splitlines() if line]
     assert len(warnings) == 1, r.err
-    assert "warning" in warnings[0] and "HL_TRAIN_ITER " in warnings[0] and "did you mean HL_TRAIN_ITERS?" in warnings[0]
+    assert "warning" in warnings[0] and "HL_TRAIN_ITER " in warnings[0]
+    assert "did you mean HL_TRAIN_ITERS?" in warnings[0]
     assert r.after("--train-iters") == "20"  # the typo changed nothing
     r = ok(dry_run(tmp_path, {"HL_GBZ": "8", "HL_TOKEN_DISPATCHER": "alltoall", "HL_COMPLETELY_DIFFERENT_THING": "1"}))
     lines = sorted(line for line in r.err.splitlines() if line)

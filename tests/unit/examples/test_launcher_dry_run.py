@@ -7,7 +7,6 @@ with one line naming the variable. Nothing is trained.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
