@@ -803,9 +803,9 @@ trap 'stop_job INT' INT
 trap 'stop_job TERM' TERM
 trap 'stop_job HUP' HUP
 if command -v setsid >/dev/null 2>&1; then
-    setsid "${CMD[@]}" 2>&"$filter_fd" &
+    setsid "${CMD[@]}" 2>&"$filter_fd" {filter_fd}>&- &
 else
-    "${CMD[@]}" 2>&"$filter_fd" &
+    "${CMD[@]}" 2>&"$filter_fd" {filter_fd}>&- &
 fi
 CHILD=$!
 rc=0
