@@ -132,6 +132,16 @@ class Device:
             return {"allocated": int(hpu.memory_allocated()), "max_allocated": int(hpu.max_memory_allocated())}
         return {}
 
+    def total_memory(self) -> Optional[int]:
+        """Bytes of memory of this process's device (None on CPU or when the stack cannot say)."""
+        if self.kind == "cuda":
+            return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        if self.kind == "hpu":
+            hpu = self._module("habana_frameworks.torch.hpu")
+            info = getattr(hpu, "mem_get_info", None) if hpu is not None else None
+            return int(info()[1]) if info is not None else None
+        return None
+
     def reset_peak_memory_stats(self) -> None:
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -1,22 +1,31 @@
 """Causal core attention softmax(q k^T * scale) v with one implementation per device.
 
-- CPU / CUDA: torch's scaled_dot_product_attention. It accepts a value head size different from
-  the query/key head size (as MLA has: 128 vs 192 in DeepSeek-V3), but then only through its slow
-  math path on CPU (flash kernels want one head size), so a narrower v is zero-padded to the q/k
-  head size and the output sliced back, as on HPU. MLA avoids even that copy by passing a wider
-  window of its kv projection as v (see `mla.py`): extra v columns only add output columns.
-- HPU: Intel's FusedSDPA when the stack provides it. The value is zero-padded to the query/key
-  head size before the call and the output sliced back, because Gaudi's flash kernel expects one
-  head size for q, k and v (zero columns of v only produce zero output columns).
+- CPU / CUDA: torch's scaled_dot_product_attention.
+- HPU: Intel's FusedSDPA when the stack provides it.
 - Eager fallback (kernels.use_fused_sdpa False): explicit matmuls with the softmax in fp32, the
   same arithmetic as HF's eager attention; for debugging and numerics checks.
+
+Value head size. MLA's value heads are narrower than its query/key heads (DeepSeek-V3: 128 vs
+192). Which kernel takes that directly differs per device, and `mla_value` picks the cheapest
+value tensor for the kernel that will run:
+- CPU: the flash kernel wants one head size for q, k and v; the only taker of a narrower v is
+  the math path (materialised scores), measured 1.4-2.2x slower than flash with a q/k-wide v
+  (benchmarks/RESULTS.md). So MLA passes the last d_qk columns of each head's [k_nope | v] row
+  (a view of its kv projection, no copy): attention is column-wise in v, the extra leading
+  columns only add output columns, dropped afterwards, and get zero gradient.
+- CUDA: cuDNN's kernel takes d_v != d_qk on Hopper and newer (fp16/bf16, e.g. 192/128), so the
+  narrow v goes straight in with cuDNN first in priority: softmax·V does only the needed work.
+  Elsewhere the wide view and the flash kernel, as on CPU.
+- HPU: FusedSDPA is handed the same wide view; a v narrower than the view allows is zero-padded
+  (zero columns only produce zero output columns, sliced off).
+- Eager fallback: any v width, the narrow v.
 
 All tensors are [batch, heads, seq, dim].
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,15 +85,45 @@ def core_attention(
         )
     if not kernels.use_fused_sdpa:
         return eager_attention(q, k, v, softmax_scale)
-    fused_sdpa = (device or device_of(q)).fused_sdpa()
+    dev = device or device_of(q)
+    fused_sdpa = dev.fused_sdpa()
     if fused_sdpa is not None:
         return _hpu_fused_attention(fused_sdpa, q, k, v, softmax_scale, kernels)
     v_dim = v.shape[-1]
     pad = q.shape[-1] - v_dim
+    if pad > 0 and dev.sdpa_takes_value_head_dim(q, v):
+        # cuDNN first: it takes the narrower v; the flash kernel would refuse it.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
     if pad > 0:
-        # Zero-pad v to the q/k head size: with one head size torch picks its flash kernels (on CPU
-        # the math path is the only one taking a different v size; on CUDA flash needs one size too).
-        # Zero columns of v only produce zero output columns, sliced off below.
+        # Zero-pad v to the q/k head size so torch picks its flash kernel; zero columns of v only
+        # produce zero output columns, sliced off below.
         v = F.pad(v, (0, pad))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
     return out[..., :v_dim] if pad > 0 else out
+
+
+def mla_value(
+    kv: torch.Tensor, nope_dim: int, qk_dim: int, kernels: KernelConfig, device: Optional[Device] = None
+) -> Tuple[torch.Tensor, int]:
+    """The value tensor to hand `core_attention` for MLA, and how many leading output columns to drop.
+
+    kv [b, h, s, nope + d_v] is the per-head kv projection [k_nope | v]. Returns the narrow v
+    [b, h, s, d_v] with 0 when the kernel that will run takes it at no extra cost (eager path,
+    CUDA cuDNN), else the view of the last qk_dim columns [b, h, s, qk_dim] with
+    lead = qk_dim - d_v (module doc); when d_v + nope < qk_dim no such view exists and the narrow
+    v is returned (core_attention then pads it).
+    """
+    v_dim = kv.shape[-1] - nope_dim
+    narrow = kv[..., nope_dim:]
+    lead = qk_dim - v_dim
+    if lead <= 0 or not kernels.use_fused_sdpa:
+        return narrow, 0
+    dev = device or device_of(kv)
+    if dev.fused_sdpa() is None and dev.sdpa_takes_value_head_dim(kv, narrow):
+        return narrow, 0
+    if lead <= nope_dim:
+        return kv[..., nope_dim - lead :], lead
+    return narrow, 0

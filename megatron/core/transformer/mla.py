@@ -21,9 +21,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron.core.config import DeepSeekConfig
-from megatron.core.device import Device
+from megatron.core.device import Device, device_of
 from megatron.core.tensor_parallel import copy_to_region, gather_from_sequence_parallel_region
-from megatron.core.transformer.attention import core_attention
+from megatron.core.transformer.attention import core_attention, mla_value
 from megatron.core.transformer.parallel_context import NO_TENSOR_PARALLEL, SEQUENCE_DIM, TensorParallelContext
 from megatron.core.transformer.rmsnorm import RMSNorm
 from megatron.core.transformer.rope import RotaryEmbedding, apply_rotary, softmax_scale
@@ -97,6 +97,12 @@ class MultiLatentAttention(nn.Module):
         """o_proj: input columns split by head under TP, partial outputs summed (reduce-scattered under SP)."""
         return self.tp.row_linear(in_features, out_features, bias)
 
+    def _fused_rope(self, like: torch.Tensor) -> Optional[object]:
+        """Intel's fused RoPE where the device has it and `kernels.use_fused_rope` (default on) allows."""
+        if not getattr(self.config.kernels, "use_fused_rope", True):
+            return None
+        return (self._device or device_of(like)).fused_rope()
+
     # ---- forward ---------------------------------------------------------------------------------
     def _query(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden [b, s, H] -> q [b, heads, s, qk_head_dim]
@@ -141,23 +147,18 @@ class MultiLatentAttention(nn.Module):
         # The query is q itself with its rope slice rotated in place (no [b, n, s, qk] concatenation).
         # Safe for autograd: the rotation's backward keeps only the cos/sin tables, never q_rope.
         query = q
-        query[..., self.qk_nope_head_dim :] = apply_rotary(q_rope, cos, sin, rope_cfg)  # [b, n, s, qk]
-        k_rope = apply_rotary(k_rope, cos, sin, rope_cfg)  # [b, 1, s, rope]
+        fused_rope = self._fused_rope(hidden)
+        query[..., self.qk_nope_head_dim :] = apply_rotary(q_rope, cos, sin, rope_cfg, fused_rope)  # [b, n, s, qk]
+        k_rope = apply_rotary(k_rope, cos, sin, rope_cfg, fused_rope)  # [b, 1, s, rope]
 
         kv = self.kv_b_proj(self.kv_a_layernorm(latent))  # [b, s, n * (nope + v)]
         kv = kv.unflatten(-1, (-1, self.qk_nope_head_dim + self.v_head_dim)).transpose(1, 2)  # [b, n, s, nope + v]
         k_nope = kv[..., : self.qk_nope_head_dim]  # [b, n, s, nope]
         key = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)  # [b, n, s, qk]
 
-        # Value: SDPA's fast kernels want v as wide as q/k. Rather than zero-padding v, pass the last
-        # qk columns of each head's [k_nope | v] row (a view, no copy): attention is column-wise
-        # in v, so the extra leading columns only produce extra output columns, dropped below, and
-        # get a zero gradient. Needs v >= rope (DeepSeek: 128 >= 64); otherwise core_attention pads.
-        lead = self.qk_head_dim - self.v_head_dim
-        if 0 < lead <= self.qk_nope_head_dim:
-            value = kv[..., self.qk_nope_head_dim - lead :]  # [b, n, s, qk], v in the last v_head_dim columns
-        else:
-            value, lead = kv[..., self.qk_nope_head_dim :], 0  # [b, n, s, v]
+        # Value: the narrow v or a q/k-wide view of kv, whichever the attention kernel runs cheapest
+        # (see attention.mla_value); `lead` extra leading output columns are dropped below.
+        value, lead = mla_value(kv, self.qk_nope_head_dim, self.qk_head_dim, self.config.kernels, self._device)
 
         if self.recompute_core_attention and torch.is_grad_enabled():
             # Selective recompute: keep q, k, v, recompute softmax(QK^T)V in backward.

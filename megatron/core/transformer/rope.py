@@ -20,7 +20,7 @@ and dtype for the positions 0..L-1) and shared by every layer of a forward pass.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -185,11 +185,17 @@ class RotaryEmbedding(nn.Module):
         return cached[0][None, None, :seq_len], cached[1][None, None, :seq_len]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeConfig, fused: Optional[Any] = None
+) -> torch.Tensor:
     """Rotate the rope slice x [batch, heads, seq, d] with tables cos/sin [.., seq, d/2].
 
     Returns the same shape and dtype as x, in the layout chosen by `rope` (module docstring).
+    `fused`: Intel's rotate-half kernel (`Device.fused_rope()`), used by `fused_rotary` for the
+    two layouts it expresses exactly; None uses the torch formulas.
     """
+    if fused is not None and fused_rope_fits(rope):
+        return fused_rotary(fused, x, cos, sin, rope)
     if not rope.interleave:
         first, second = x.chunk(2, dim=-1)  # pairs (x[i], x[i + d/2])
         return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
@@ -202,3 +208,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: Ro
     cos, sin = cos.float(), sin.float()
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
+
+
+def fused_rope_fits(rope: RopeConfig) -> bool:
+    """Intel's rotate-half kernel reproduces rotate-half (interleave=False) and HF V3's layout
+    (interleaved pairs, output [rotated evens | rotated odds]) exactly; HF V2's fp32 complex
+    rotation with interleaved output keeps the torch formula."""
+    return not rope.interleave or rope.interleave_output_permuted
+
+
+def fused_rotary(fused: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """`apply_rotary` through Intel's RotaryPosEmbeddingHelperV1: apply(x, cos2, sin2, 0) =
+    x * cos2 + rotate_half(x) * sin2 with full-width tables cos2 = [cos | cos], sin2 = [sin | sin].
+
+    For V3's layout the input is first de-interleaved to [evens | odds] (pairs (x[2i], x[2i+1])
+    become (x'[i], x'[i + d/2])), after which V3's output is exactly rotate-half's.
+    """
+    if rope.interleave:
+        x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)  # [..., d]: [evens | odds]
+    cos2 = torch.cat((cos, cos), dim=-1).to(x.dtype)  # [.., seq, d]
+    sin2 = torch.cat((sin, sin), dim=-1).to(x.dtype)
+    return fused.apply(x, cos2, sin2, 0)
