@@ -106,8 +106,9 @@ def expert_rows(c: DeepSeekConfig, lay: Layout) -> Tuple[float, float]:
     Buffer: T k for one device (dropped assignments stay at its tail), the kept rows for the
     all-to-all dispatcher (balanced routing), W T min(k, E/EP) for the all-gather one (a static
     size), E C slots with padding to capacity. Computed: every buffer row with grouped GEMM or
-    the padded batched GEMM; only the valid rows (about T k, or the kept ones) with the per-expert
-    loop that --moe-grouped-gemm off and devices without grouped GEMM use.
+    the padded batched GEMM; without grouped GEMM (--moe-grouped-gemm off, devices without the
+    kernel) the tiled fallback's tiles (at most twice the buffer) or the per-expert loop's valid
+    rows (about T k, or the kept ones).
     """
     moe = c.moe
     tm, k, e = lay.local_tokens, moe.topk, moe.num_experts
@@ -122,7 +123,14 @@ def expert_rows(c: DeepSeekConfig, lay: Layout) -> Tuple[float, float]:
         buffer = kept  # all-to-all sends only kept rows
     else:
         buffer = tm * k
-    return buffer, (buffer if lay.grouped_gemm else kept)
+    if lay.grouped_gemm:
+        return buffer, buffer
+    if lay.expert_path == "tiled":
+        # Tiles of B = ceil(N / E_local) rows, ceil(N / B) + E_local of them (moe/experts.py).
+        e_local = e // ep
+        block = math.ceil(buffer / e_local)
+        return buffer, (math.ceil(buffer / block) + e_local) * block
+    return buffer, kept
 
 
 def moe_mlp(c: DeepSeekConfig, lay: Layout) -> Breakdown:
@@ -151,8 +159,13 @@ def moe_mlp(c: DeepSeekConfig, lay: Layout) -> Breakdown:
     world = lay.ep if lay.ep > 1 and lay.dispatcher == "allgather" else 1
     # Rows entering the experts (kept by the first GEMM) and the permutation indices.
     out.add("moe_dispatch", p * n * h + INDEX_BYTES * tm * k + (2 * n if world > 1 else 0), p * n * h)
-    # gate/up GEMM output (2I), silu output (I), product (I).
-    out.add("moe_experts", 4 * p * computed * moe.ffn_hidden_size, 2 * p * computed * moe.ffn_hidden_size)
+    ffn = moe.ffn_hidden_size
+    if lay.expert_path == "tiled" and not moe.pad_to_capacity:
+        # Tiled fallback: keeps only each tile's gate/up output (silu and product are rebuilt in backward).
+        out.add("moe_experts", 2 * p * computed * ffn, 2 * p * computed * ffn)
+    else:
+        # gate/up GEMM output (2I), silu output (I), product (I).
+        out.add("moe_experts", 4 * p * computed * ffn, 2 * p * computed * ffn)
     # Combine: fp32 expert output per (token, choice), the weights and row indices.
     combine = 4 * world * tm * k * h
     out.add("moe_dispatch", combine + (4 + INDEX_BYTES + (1 if world > 1 else 0)) * world * tm * k, combine)

@@ -39,6 +39,7 @@ class BufferPlan:
     numel: int = 0
     params: List[Tuple[ParamInfo, int, int]] = field(default_factory=list)  # (param, start, end)
     buckets: List[Tuple[int, int]] = field(default_factory=list)  # [start, end) element ranges
+    bucket_members: List[Tuple[int, int]] = field(default_factory=list)  # [first, last) indices into params
 
     def shard(self, bucket: Tuple[int, int], rank: int) -> Tuple[int, int]:
         start, end = bucket
@@ -69,7 +70,7 @@ def plan_buffers(
         plan = BufferPlan(is_expert=is_expert, deferred=deferred, group_size=size)
         multiple = ALIGN * size if distributed_optimizer else ALIGN
         members = kinds[key]
-        offset = bucket_start = 0
+        offset = bucket_start = first = 0
         for i, p in enumerate(members):
             start = _round_up(offset, ALIGN)
             plan.params.append((p, start, start + p.numel))
@@ -78,7 +79,9 @@ def plan_buffers(
             if last or (bucket_numel is not None and offset - bucket_start >= bucket_numel):
                 end = bucket_start + _round_up(offset - bucket_start, multiple)
                 plan.buckets.append((bucket_start, end))
+                plan.bucket_members.append((first, i + 1))
                 offset = bucket_start = end
+                first = i + 1
         plan.numel = offset
         plans.append(plan)
     return plans
@@ -102,9 +105,9 @@ def optimizer_slots(plans: Sequence[BufferPlan], distributed_optimizer: bool, dp
     decay = no_decay = largest = 0
     for plan in plans:
         rank = edp_rank if plan.is_expert else dp_rank
-        for bucket in plan.buckets:
+        for bucket, (first, last) in zip(plan.buckets, plan.bucket_members):
             lo, hi = plan.shard(bucket, rank) if distributed_optimizer else bucket
-            for p, s, e in plan.params:
+            for p, s, e in plan.params[first:last]:
                 a, b = max(s, lo), min(e, hi)
                 if a < b:
                     n = b - a

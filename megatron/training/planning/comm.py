@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from megatron.core.config import DeepSeekConfig
-from megatron.training.planning.buffers import bucket_sizes, plan_buffers
+from megatron.training.planning.buffers import BufferPlan, bucket_sizes, plan_buffers
 from megatron.training.planning.layout import Layout
 from megatron.training.planning.params import ParamInfo
 
@@ -137,7 +137,10 @@ def _ep_layer(t: _Tally, c: DeepSeekConfig, lay: Layout, fwd: float, bwd: float)
     t.reduce_scatter("ep", w * tm * k * 4, bwd)  # weight gather backward
 
 
-def stage_comm(c: DeepSeekConfig, lay: Layout, stage: int, params: List[ParamInfo], native: bool) -> _Tally:
+def stage_comm(
+    c: DeepSeekConfig, lay: Layout, stage: int, params: List[ParamInfo], native: bool,
+    buffers: Optional[List[BufferPlan]] = None,
+) -> _Tally:
     """Per-step traffic of one rank of `stage` by group kind (see the module docstring)."""
     t = _Tally(native)
     mb = lay.num_microbatches
@@ -159,7 +162,10 @@ def stage_comm(c: DeepSeekConfig, lay: Layout, stage: int, params: List[ParamInf
             _ep_layer(t, c, lay, runs, mb)
     if lay.tp > 1:
         _tp_edges(t, c, lay, mb * ((1 if first else 0) + mtp), mb * ((1 if last else 0) + mtp))
-    _step_collectives(t, c, lay, stage, params, native)
+    if buffers is None:
+        buffers = plan_buffers(params, grad_bytes=lay.grad_bytes, dp=lay.dp, edp=lay.edp,
+                               distributed_optimizer=lay.distributed_optimizer, bucket_size_mb=lay.bucket_size_mb)
+    _step_collectives(t, c, lay, stage, params, buffers, native)
     if lay.pp > 1:
         boundary = lay.local_tokens * c.hidden_size * lay.param_bytes
         if not first:
@@ -171,7 +177,9 @@ def stage_comm(c: DeepSeekConfig, lay: Layout, stage: int, params: List[ParamInf
     return t
 
 
-def _step_collectives(t: _Tally, c: DeepSeekConfig, lay: Layout, stage: int, params: List[ParamInfo], native: bool) -> None:
+def _step_collectives(
+    t: _Tally, c: DeepSeekConfig, lay: Layout, stage: int, params: List[ParamInfo], plans: List[BufferPlan], native: bool
+) -> None:
     """Once per step: finalize_model_grads, the optimizer, the loss report, the expert-bias update."""
     first, last = stage == 0, stage == lay.pp - 1
     gb, p = lay.grad_bytes, lay.param_bytes
@@ -180,8 +188,6 @@ def _step_collectives(t: _Tally, c: DeepSeekConfig, lay: Layout, stage: int, par
         shared = sum(x.numel for x in params if x.shared_embedding)
         if shared:
             t.add("embedding", "all_reduce", shared * gb)
-    plans = plan_buffers(params, grad_bytes=gb, dp=lay.dp, edp=lay.edp,
-                         distributed_optimizer=lay.distributed_optimizer, bucket_size_mb=lay.bucket_size_mb)
     for expert, kind, size in ((False, "dp", lay.dp), (True, "edp", lay.edp)):
         if size == 1:
             continue

@@ -31,6 +31,7 @@ class DeviceSpec:
     # Parameter dtypes with a torch grouped_mm kernel (moe/experts.py): CPU fp32 and bf16, CUDA
     # bf16, none on Gaudi (the experts loop over their rows there).
     grouped_mm_dtypes: Tuple[str, ...] = ()
+    kind: str = "cuda"  # the device layer's kind: "hpu", "cuda" or "cpu"
 
     def peak(self, dtype: str) -> float:
         if dtype in self.peak_flops:
@@ -46,6 +47,7 @@ DEVICES: Dict[str, DeviceSpec] = {
         peak_flops={"bfloat16": 432 * TERA, "float32": 108 * TERA},
         memory_bandwidth=2.46e12, scale_up_bandwidth=21 * 100e9 / 8, scale_out_bandwidth=3 * 100e9 / 8,
         devices_per_node=8, native_collectives=True, source="Intel Gaudi 2 AI accelerator datasheet (HL-225H)",
+        kind="hpu",
     ),
     # Intel Gaudi 3 AI accelerator white paper (HL-325L OAM): 128 GB HBM2e at 3.7 TB/s, 1835 TFLOPS
     # BF16 (MME); 24 x 200 GbE RoCE, 21 inside the server, 3 to scale out.
@@ -54,6 +56,7 @@ DEVICES: Dict[str, DeviceSpec] = {
         peak_flops={"bfloat16": 1835 * TERA, "float32": 1835 * TERA / 4},
         memory_bandwidth=3.7e12, scale_up_bandwidth=21 * 200e9 / 8, scale_out_bandwidth=3 * 200e9 / 8,
         devices_per_node=8, native_collectives=True, source="Intel Gaudi 3 AI accelerator white paper (HL-325L)",
+        kind="hpu",
     ),
     # NVIDIA H100 Tensor Core GPU datasheet (SXM5): 80 GB HBM3 at 3.35 TB/s, 989 TFLOPS BF16 dense,
     # 67 TFLOPS FP32; NVLink 900 GB/s (both directions); DGX H100: one 400 Gb/s ConnectX-7 per GPU.
@@ -101,7 +104,7 @@ def cpu_device(memory_bytes: Optional[int] = None, num_devices: int = 1) -> Devi
         peak_flops={"bfloat16": 0.1 * TERA, "float32": 0.1 * TERA},
         memory_bandwidth=10e9, scale_up_bandwidth=2e9, scale_out_bandwidth=2e9,
         devices_per_node=max(1, num_devices), native_collectives=False, source="nominal (CPU host, gloo)",
-        grouped_mm_dtypes=("float32", "bfloat16"),
+        grouped_mm_dtypes=("float32", "bfloat16"), kind="cpu",
     )
 
 

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 from megatron.core.config import DeepSeekConfig
+from megatron.core.transformer.moe import experts as _experts_module
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The experts module's fallback for accelerators without grouped GEMM: static tiles.
+TILED_FALLBACK = hasattr(_experts_module, "expert_tiles")
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,14 @@ class Layout:
     recompute_modules: Tuple[str, ...] = ()
     clip_grad: float = 1.0
     bucket_size_mb: Optional[float] = 40.0  # DDPConfig's default bucket size
-    # The routed experts run one grouped GEMM over their whole row buffer (else a per-expert
-    # loop over the valid rows): --moe-grouped-gemm and a device/dtype with a grouped_mm kernel.
-    grouped_gemm: bool = False
+    # How the routed experts compute their rows (moe/experts.py): "grouped" (one grouped GEMM
+    # over the whole row buffer: --moe-grouped-gemm and a device/dtype with the kernel), "loop"
+    # (one GEMM pair per expert over its valid rows: CPU) or "tiled" (static tiles, accelerators).
+    expert_path: str = "loop"
+
+    @property
+    def grouped_gemm(self) -> bool:
+        return self.expert_path == "grouped"
 
     @property
     def edp(self) -> int:
@@ -105,10 +113,18 @@ class Layout:
         return min(n, num_layers), 1 if num_layers else 0
 
 
-def layout_from_run(run: Any, grouped_mm_dtypes: Tuple[str, ...] = ()) -> Layout:
-    """The Layout of a parsed `RunConfig` (megatron.training.arguments.parse_args).
+def expert_path(use_grouped_gemm: bool, dtype: str, device_kind: str, grouped_mm_dtypes: Tuple[str, ...]) -> str:
+    """The experts' compute path on a device (see Layout.expert_path)."""
+    if use_grouped_gemm and dtype in grouped_mm_dtypes:
+        return "grouped"
+    if device_kind == "cpu" or not TILED_FALLBACK:
+        return "loop"
+    return "tiled"
 
-    grouped_mm_dtypes: parameter dtypes the target device has a grouped GEMM kernel for."""
+
+def layout_from_run(run: Any, device_kind: str = "cpu", grouped_mm_dtypes: Tuple[str, ...] = ()) -> Layout:
+    """The Layout of a parsed `RunConfig` (megatron.training.arguments.parse_args) on a device of
+    `device_kind` ("cpu", "cuda", "hpu") with grouped GEMM kernels for `grouped_mm_dtypes`."""
     par, dist, t, opt = run.parallel, run.distributed, run.training, run.optimizer
     etp = 1 if par.expert_tensor_parallel_size is None else par.expert_tensor_parallel_size
     rc = _recompute(t)
@@ -137,7 +153,8 @@ def layout_from_run(run: Any, grouped_mm_dtypes: Tuple[str, ...] = ()) -> Layout
         recompute_num_layers=rc.num_layers,
         recompute_modules=tuple(rc.modules),
         clip_grad=float(opt.clip_grad),
-        grouped_gemm=bool(run.model.kernels.use_grouped_gemm) and run.model.params_dtype in grouped_mm_dtypes,
+        expert_path=expert_path(bool(run.model.kernels.use_grouped_gemm), run.model.params_dtype, device_kind,
+                                grouped_mm_dtypes),
     )
 
 

@@ -27,7 +27,7 @@ from typing import Dict, List, Tuple
 
 from megatron.core.config import DeepSeekConfig
 from megatron.training.planning import activations as act
-from megatron.training.planning.buffers import optimizer_slots, plan_buffers
+from megatron.training.planning.buffers import BufferPlan, optimizer_slots, plan_buffers
 from megatron.training.planning.layout import Layout
 from megatron.training.planning.params import ParamInfo, activated_stage_params, stage_flags, stage_parameters
 
@@ -48,6 +48,8 @@ class StageMemory:
     transient_backward: float = 0.0
     transient_optimizer: float = 0.0
     param_list: List[ParamInfo] = field(default_factory=list, repr=False)
+    buffers: List[BufferPlan] = field(default_factory=list, repr=False)
+    optimizer_elements: int = 0  # elements this rank's optimizer updates
 
     @property
     def static(self) -> int:
@@ -138,6 +140,8 @@ def stage_memory(c: DeepSeekConfig, lay: Layout, stage: int) -> StageMemory:
         transient_backward=transient,
         transient_optimizer=4.0 * slots.decay,
         param_list=params,
+        buffers=plans,
+        optimizer_elements=slots.total,
     )
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from megatron.core.config import DeepSeekConfig
-from megatron.training.planning.buffers import optimizer_slots, plan_buffers
 from megatron.training.planning.comm import stage_comm
 from megatron.training.planning.devices import DeviceSpec, get_device
 from megatron.training.planning.layout import Layout, layout_from_run
@@ -155,12 +154,10 @@ def plan_layout(
     usable = device.memory_bytes * (1 - headroom)
     stages = []
     for mem in mems:
-        tally = stage_comm(model, lay, mem.stage, mem.param_list, device.native_collectives)
-        plans = plan_buffers(mem.param_list, grad_bytes=lay.grad_bytes, dp=lay.dp, edp=lay.edp,
-                             distributed_optimizer=lay.distributed_optimizer, bucket_size_mb=lay.bucket_size_mb)
-        elements = optimizer_slots(plans, lay.distributed_optimizer).total
+        tally = stage_comm(model, lay, mem.stage, mem.param_list, device.native_collectives, mem.buffers)
         comm = {k: dict(v) for k, v in tally.bytes.items()}
-        timing = stage_time(model, lay, mem.stage, comm, elements, device, compute_efficiency, comm_efficiency)
+        timing = stage_time(model, lay, mem.stage, comm, mem.optimizer_elements, device, compute_efficiency,
+                            comm_efficiency)
         stages.append(StagePlan(mem, comm, {k: dict(v) for k, v in tally.calls.items()}, timing, mem.peak <= usable))
     # Model FLOPs of the step (recompute excluded), over all ranks: each stage's TP x DP ranks.
     flops = sum(3 * stage_forward_flops(model, lay, s)["forward"] * lay.num_microbatches * lay.tp * lay.dp
@@ -182,7 +179,7 @@ def plan_for_run(
     """Plan a parsed RunConfig on `device_type` (a launcher dry run can print `format_plan`)."""
     if device is None:
         device = get_device(device_type, memory_gb=device_memory_gb, num_devices=run.distributed.world_size)
-    lay = layout_from_run(run, device.grouped_mm_dtypes)
+    lay = layout_from_run(run, device.kind, device.grouped_mm_dtypes)
     return plan_layout(run.model, lay, device, model_name=run.model_preset or "custom", headroom=headroom, **timing)
 
 

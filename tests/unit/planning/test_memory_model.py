@@ -44,7 +44,7 @@ def one_rank_layout(config: DeepSeekConfig, recompute: RecomputeConfig) -> Layou
         micro_batch_size=BATCH, global_batch_size=BATCH, seq_length=SEQ, params_dtype=config.params_dtype,
         grad_reduce_in_fp32=True, recompute_granularity=recompute.granularity, recompute_method=recompute.method,
         recompute_num_layers=recompute.num_layers, recompute_modules=tuple(recompute.modules),
-        grouped_gemm=config.kernels.use_grouped_gemm,  # CPU has grouped_mm for fp32 and bf16
+        expert_path="grouped" if config.kernels.use_grouped_gemm else "loop",  # CPU has grouped_mm for fp32 and bf16
     )
 
 
