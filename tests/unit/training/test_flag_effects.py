@@ -200,3 +200,18 @@ def test_timers_reach_tensorboard(tmp_path, capsys):
     quiet = EventAccumulator(str(plain))
     quiet.Reload()
     assert not [t for t in quiet.Tags()["scalars"] if t.startswith("timers/")]
+
+
+def test_load_without_a_checkpoint_is_an_error_unless_asked(tmp_path, capsys):
+    empty = tmp_path / "typo"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"--load .*typo: no checkpoint there .* pass --allow-no-checkpoint"):
+        pretrain(RUN + ["--train-iters", "1", "--load", str(empty)])
+    summary = pretrain(RUN + ["--train-iters", "1", "--load", str(empty), "--allow-no-checkpoint"])
+    assert summary["iteration"] == 1 and "training from scratch" in capsys.readouterr().out
+    # A run restarting from its own save directory starts fresh the first time (Megatron's pattern).
+    own = tmp_path / "own"
+    summary = pretrain(RUN + ["--train-iters", "1", "--load", str(own), "--save", str(own), "--save-interval", "1"])
+    assert summary["iteration"] == 1
+    with pytest.raises(ValueError, match="no checkpoint there"):
+        pretrain(RUN + ["--train-iters", "1", "--load", str(empty), "--use-checkpoint-args"])
