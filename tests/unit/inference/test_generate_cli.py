@@ -20,10 +20,9 @@ from megatron.core.models.deepseek import (
     config_from_hf,
     load_hf_checkpoint,
 )
-from megatron.core.parallel_state import ParallelConfig
 from megatron.training.checkpointing import save_checkpoint
-from megatron.training.config import DistributedConfig, RunConfig
-from megatron.training.tokenizer import HuggingFaceTokenizer, TokenizerConfig
+from megatron.training.arguments import parse_args
+from megatron.training.tokenizer import HuggingFaceTokenizer
 from tests.unit.core.models.hf_tiny import build_hf
 from tests.unit.inference.tiny import WORDS, save_word_tokenizer
 from tools import generate as cli
@@ -121,8 +120,9 @@ def training_checkpoint(tmp_path_factory):
     config = dataclasses.replace(config_from_hf(build_hf("v3").config), mtp=MTPConfig(num_layers=1))
     torch.manual_seed(11)
     model = DeepSeekModel(config).eval()
-    run = RunConfig(model=config, parallel=ParallelConfig(), distributed=DistributedConfig(),
-                    tokenizer=TokenizerConfig("NullTokenizer", vocab_size=90))
+    flags = ["--model-preset", "tiny", "--seq-length", "16", "--micro-batch-size", "1", "--train-iters", "1",
+             "--lr", "1e-3", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "90"]
+    run = dataclasses.replace(parse_args(flags, world_size=1, check_paths=False), model=config)
     save = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(str(save), 5, [model], None, None, run, None, None)
     return save, model
