@@ -20,8 +20,8 @@ from megatron.core.models.deepseek import (
     config_from_hf,
     load_hf_checkpoint,
 )
-from megatron.training.checkpointing import save_checkpoint
 from megatron.training.arguments import parse_args
+from megatron.training.checkpointing import save_checkpoint
 from megatron.training.tokenizer import HuggingFaceTokenizer
 from tests.unit.core.models.hf_tiny import build_hf
 from tests.unit.inference.tiny import WORDS, save_word_tokenizer
