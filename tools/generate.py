@@ -8,8 +8,7 @@
     python tools/generate.py --hf-path HF_DIR --perplexity corpus.txt
 
 Model: `--hf-path` is a Hugging Face DeepSeek-V3/V2 directory read through our converter;
-`--load` a training checkpoint of any parallel layout (or a single-process checkpoint of
-`tools/convert_hf_checkpoint.py import`), gathered into this process.
+`--load` a training checkpoint of any parallel layout, gathered into this process.
 Tokenizer: `--tokenizer-model DIR` (with `--tokenizer-type`, default HuggingFaceTokenizer); else
 the HF directory itself for `--hf-path`, or the tokenizer flags saved with a training checkpoint.
 Prompts: every `--prompt`, then the lines of `--prompt-file` (one prompt per non-empty line);
@@ -69,9 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 def load_training_checkpoint(load_dir: str):
     """(model, config, saved TokenizerConfig or None) of a training checkpoint. The one place that
     imports the training checkpoint reader."""
-    from megatron.training.checkpointing import checkpoint_args, load_full_model
+    from megatron.training.checkpointing import CheckpointError, checkpoint_args, load_full_model
 
-    model, config = load_full_model(load_dir)
+    try:
+        model, config = load_full_model(load_dir)
+    except CheckpointError as exc:
+        raise ValueError(f"--load {load_dir}: {exc}") from exc
     return model, config, saved_tokenizer_config(checkpoint_args(load_dir) or {})
 
 

@@ -150,7 +150,9 @@ def test_cli_training_checkpoint(training_checkpoint, capsys, tmp_path):
     assert code == 0 and f"loss {want_ppl.loss:.6f}" in ppl
 
 
-def test_cli_errors(hf_dir, capsys):
+def test_cli_errors(hf_dir, capsys, tmp_path):
+    code, _, err = run_cli(capsys, ["--load", str(tmp_path), "--prompt", "1 2", "--max-new-tokens", "4"])
+    assert code == 2 and f"--load {tmp_path}" in err
     code, _, err = run_cli(capsys, ["--hf-path", str(hf_dir), "--max-new-tokens", "4"])
     assert code == 2 and "no prompts" in err
     code, _, err = run_cli(capsys, ["--hf-path", str(hf_dir), "--prompt", "cat"])
