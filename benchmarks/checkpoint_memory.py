@@ -79,6 +79,7 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, resul
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     try:
+        from megatron.core import communication as comm
         from megatron.core.distributed import DDPConfig, DistributedDataParallel
         from megatron.core.optimizer import OptimizerConfig, build_optimizer
         from megatron.core.parallel_state import ParallelConfig, ParallelState
@@ -99,7 +100,7 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, resul
         local_params = sum(p.numel() for p in model.parameters())
         buffer, block = int(args.buffer_mib * MIB), int(args.block_mib * MIB)
 
-        dist.barrier()
+        comm.barrier(torch.device("cpu"))
         before = _reset_peak()
         ckpt.save_checkpoint(args.dir, 1, [ddp], opt, None, None, state, None, rng=False, buffer_bytes=buffer,
                              block_bytes=block)
@@ -110,7 +111,7 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, resul
                     t.zero_()
             for p in model.parameters():
                 p.zero_()
-        dist.barrier()
+        comm.barrier(torch.device("cpu"))
         before = _reset_peak()
         ckpt.load_checkpoint(args.dir, [ddp], opt, None, state, load_rng=False, buffer_bytes=buffer)
         load_extra = _status("VmHWM") - before

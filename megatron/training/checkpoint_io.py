@@ -35,6 +35,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or unsafe (the message names the file)."""
 
 
+# ---- metadata collectives ---------------------------------------------------------------------------
+# Checkpoints exchange only small picklable metadata between the ranks of one job (plans, index
+# entries, errors): object all-gathers of `megatron.core.communication`, which place their
+# buffers on the rank's device as each backend needs. Tensor data never travels between ranks.
+def rank() -> int:
+    from megatron.core import communication as comm
+
+    return comm.rank()
+
+
+def world() -> int:
+    from megatron.core import communication as comm
+
+    return comm.world_size()
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """Every rank's `obj`, in rank order (collective over all ranks; [obj] without a process group)."""
+    from megatron.core import communication as comm
+
+    return comm.all_gather_object(obj)
+
+
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (collective; what other ranks pass is ignored)."""
+    return all_gather_object(obj if rank() == 0 else None)[0]
+
+
 # ---- locating a checkpoint ---------------------------------------------------------------------
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")

@@ -29,9 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-import torch.distributed as dist
-
-from megatron.training.checkpoint_io import CheckpointError, atomic_write_text, parse_strict_json
+from megatron.training.checkpoint_io import CheckpointError, atomic_write_text, from_rank0, parse_strict_json, rank
 
 LOCK_NAME = "save.lock"
 OWNER_NAME = "saver.json"
@@ -184,11 +182,7 @@ def _acquire_local(save_dir: str, force: bool) -> SaveLock:
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return rank()
 
 
 def acquire_save_lock(save_dir: str, *, force: bool = False) -> SaveLock:
@@ -201,10 +195,7 @@ def acquire_save_lock(save_dir: str, *, force: bool = False) -> SaveLock:
             result = ("ok", lock.token, lock.owner)
         except (CheckpointError, OSError) as exc:
             result = ("error", str(exc), None)
-    if _distributed():
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
+    result = from_rank0(result)
     if result[0] == "error":
         raise CheckpointError(result[1])
     if _rank() == 0:

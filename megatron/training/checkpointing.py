@@ -48,7 +48,6 @@ import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatron.core.distributed.ddp import unwrap_model
@@ -73,50 +72,31 @@ acquire_save_lock = lock.acquire_save_lock
 release_save_lock = lock.release_save_lock
 
 
-# ---- collectives (object collectives: metadata only, on every backend) ---------------------------------
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
+# ---- collectives: metadata only, through megatron.core.communication (see checkpoint_io) --------------
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return io.rank()
 
 
 def _world() -> int:
-    return dist.get_world_size() if _distributed() else 1
+    return io.world()
 
 
 def _broadcast(obj: Any) -> Any:
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return io.from_rank0(obj)
 
 
-def _gather(obj: Any) -> Optional[List[Any]]:
-    if not _distributed():
-        return [obj]
-    out: Optional[List[Any]] = [None] * _world() if _rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
+def _gather(obj: Any) -> List[Any]:
+    return io.all_gather_object(obj)
 
 
 def _scatter(objs: Optional[List[Any]]) -> Any:
-    if not _distributed():
-        return objs[0]  # type: ignore[index]
-    out: List[Any] = [None]
-    dist.scatter_object_list(out, objs if _rank() == 0 else None, src=0)
-    return out[0]
+    """This rank's item of rank 0's list."""
+    return io.from_rank0(objs)[_rank()]
 
 
 def _agree(error: Optional[str]) -> None:
     """Every rank raises the first rank's error (so none waits alone in a later collective)."""
-    errors = [error]
-    if _distributed():
-        errors = [None] * _world()
-        dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
+    first = next((e for e in io.all_gather_object(error) if e), None)
     if first:
         raise CheckpointError(first)
 
