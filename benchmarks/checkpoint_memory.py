@@ -18,8 +18,9 @@ are not resident memory of the process. The bound the checkpoint code keeps:
 extra <= shard + B, where B = read/staging buffer (--buffer-mib) + one checksum block
 (--block-mib) + the index and plan metadata; in fact the shard is never copied (written from and
 read into the live state), so the measured extra stays near B while the shard falls as 1/DP.
-For comparison, the earlier design joined every parameter's DP shards into zero-padded full
-fp32 tensors before writing: 12 bytes per local parameter on every rank, whatever the DP size.
+For comparison, the DCP-based save this format replaced joined every parameter's DP shards into
+zero-padded full fp32 tensors before writing: 12 bytes per local parameter on every rank,
+whatever the DP size.
 Prints one line per rank and a summary line per DP size.
 """
 
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
         figures = run_dp(dp, args)
         for rank, f in enumerate(figures):
             print(f"DP={dp} rank {rank}: optimizer shard {f['shard'] / MIB:7.1f} MiB | save extra {f['save'] / MIB:6.1f} MiB | "
-                  f"load extra {f['load'] / MIB:6.1f} MiB | bound {f['bound'] / MIB:7.1f} MiB | earlier design "
+                  f"load extra {f['load'] / MIB:6.1f} MiB | bound {f['bound'] / MIB:7.1f} MiB | DCP-based save "
                   f"{f['old'] / MIB:7.1f} MiB")
         worst = max(max(f["save"], f["load"]) for f in figures)
         print(f"DP={dp} summary: shard {max(f['shard'] for f in figures) / MIB:.1f} MiB per rank, worst extra "

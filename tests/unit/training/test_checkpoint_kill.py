@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron.training import checkpointing as ckpt
-from tests.unit.training import checkpoint_testlib as T  # the same helpers as the child
+from tests.unit.training import checkpoint_testlib as T  # the same functions as the child
 
 HERE = Path(__file__).resolve().parent
 
