@@ -214,3 +214,19 @@ def test_score_tokens_equals_windowed_training_loss(tmp_path):
         want += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
     assert abs(result.nll_sum - want) <= 1e-5 * want
     assert abs(result.perplexity - torch.tensor(want / 49).exp().item()) < 1e-3
+
+
+def test_static_decode_step_is_one_graph(tmp_path):
+    """With static shapes a decode step (preallocated cache, fixed-capacity MoE) traces to a single
+    torch.compile graph: no data-dependent shapes or host synchronisation inside."""
+    _, ours, _ = converted("v3", tmp_path)
+    engine = InferenceEngine(ours, 3, 32, static_moe=True)
+    engine.set_starts(torch.tensor([0, 2, 5]))
+
+    def step(tokens, slots):
+        return engine.logits(engine.forward(tokens, slots))
+
+    with torch.inference_mode():
+        step(torch.randint(0, 96, (3, 8)), torch.arange(8).expand(3, 8))
+        explained = torch._dynamo.explain(step)(torch.randint(0, 96, (3, 1)), torch.full((3, 1), 8))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
