@@ -102,12 +102,11 @@ def write_share(tmp: str, rank: int, items: List[Item], writes: List, block_byte
 
 # ---- load ------------------------------------------------------------------------------------------
 def check_shape(index: Index, key: str, pl: Placement) -> None:
+    """The stored global shape must be this model's logical global shape (vocabulary rows included:
+    a different vocabulary is an error, whatever either side pads to)."""
     stored = index.tensors[key].shape
     want = pl.global_shape
-    same = stored == want or (
-        pl.logical_rows is not None and len(stored) == len(want) and stored[1:] == want[1:] and stored[0] >= want[0]
-    )
-    if not same:
+    if stored != want:
         raise CheckpointError(
             f"{os.path.join(index.directory, 'index.json')}: {key} has shape {stored}, this model's is {want} {index.where()}"
         )
@@ -144,6 +143,10 @@ def load_model_tensors(reader: CheckpointReader, chunks: List[nn.Module], info: 
                 continue
             pl = placement_of(name, t, info)
             check_shape(index, key, pl)
+            master = f"{io.OPTIM_PREFIX}{name}/master"
+            if t.dtype == torch.float32 and index.tensors[key].dtype != torch.float32 and master in index.tensors:
+                key = master  # saved in low precision with fp32 masters: an fp32 model takes the exact values
+                check_shape(index, key, pl)
             targets.append((key, pl, t))
     if missing:
         raise CheckpointError(

@@ -69,6 +69,14 @@ def test_bf16_master_weights_round_trip(tmp_path):
     states_equal(snapshot(fresh), want_model)
     opt_equal(fopt.state_dict(), want_opt)  # the fp32 masters, not the bf16 weights, were restored
     assert train_steps(fresh, fopt, range(2, 4)) == want
+    # bf16 checkpoint -> fp32 model: the weights are the exact fp32 masters, not their bf16 rounding.
+    model32, opt32, state32 = build(seed=8)
+    ckpt.load_checkpoint(str(tmp_path), [model32], opt32, None, state32)
+    for name, p in model32.named_parameters():
+        rows = 61 if name in ("embedding.weight", "output_layer.weight") else None
+        assert torch.equal(p.detach()[:rows], want_opt["params"][0][name]["master"][:rows]), name
+    assert not torch.equal(model32.layers["0"].input_layernorm.weight.detach(),
+                           want_model["layers.0.input_layernorm.weight"].float())
     # fp32 checkpoint -> bf16 model: masters are the fp32 weights themselves (read from the model tensors)
     model32, opt32, state32 = build()
     train_steps(model32, opt32, range(1))
