@@ -118,20 +118,23 @@ class DataFileWriter:
         if piece.device.type == "cpu":
             # A view of the tensor's own memory: nothing is copied on the host.
             self._feed(memoryview(piece.contiguous().view(torch.uint8).numpy()).cast("B"))
-            return offset
-        size = piece.element_size()
+        else:
+            self.write_staged(piece)
+        return offset
+
+    def write_staged(self, piece: torch.Tensor) -> None:
+        """Append a 1-D tensor through the host staging buffer, at most `staging_bytes` at a time
+        (device tensors: one bounded copy to the host per chunk)."""
+        size, count = piece.element_size(), piece.numel()
         step = max(1, self.staging_bytes // size)
-        if self._staging is None:
-            self._staging = torch.empty(min(self.staging_bytes, count * size), dtype=torch.uint8)
         for i in range(0, count, step):
             chunk = piece[i : i + step]
             nbytes = chunk.numel() * size
-            if nbytes > self._staging.numel():
+            if self._staging is None or nbytes > self._staging.numel():
                 self._staging = torch.empty(nbytes, dtype=torch.uint8)
             stage = self._staging[:nbytes]
             stage.view(piece.dtype).copy_(chunk)
             self._feed(memoryview(stage.numpy()).cast("B"))
-        return offset
 
     def close(self) -> Dict[str, Any]:
         """Flush, fsync and close; the file's index entry (name, bytes, block digests, checksum)."""
