@@ -222,9 +222,11 @@ def configure_thread_pool(workers: int) -> None:
 
 
 def has_fast_batch(tokenizer) -> bool:
-    """Whether the tokenizer overrides `tokenize_batch` (Rust-backed ones do, and parallelise it);
-    otherwise `--workers` is served by worker processes."""
+    """Whether the tokenizer's `tokenize_batch` spreads over threads by itself (Rust-backed ones
+    override it and parallelise it, unless they say `parallel_batch = False`, as the word-cache
+    path does); otherwise `--workers` is served by worker processes."""
     from megatron.training.tokenizer.base import MegatronTokenizer
 
     impl = getattr(type(tokenizer), "tokenize_batch", None)
-    return impl is not None and impl is not MegatronTokenizer.tokenize_batch
+    overridden = impl is not None and impl is not MegatronTokenizer.tokenize_batch
+    return overridden and bool(getattr(tokenizer, "parallel_batch", True))

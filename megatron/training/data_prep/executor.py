@@ -4,8 +4,10 @@ Two ways to use `--workers` cores:
   * InProcessExecutor: a background thread reads and parses ahead while two caller threads keep
     batches in the tokenizer; Rust tokenizers spread `tokenize_batch` over `workers` threads and
     release the GIL while they do. No pickling, no copies between processes.
-  * ProcessExecutor: forked worker processes encode whole batches (for tokenizers without a fast
-    batch path, and for punkt sentence splitting, which is pure Python). Results are numpy arrays,
+  * ProcessExecutor: forked worker processes encode whole batches (for tokenizers whose batch
+    path holds the GIL: pure-Python ones, and byte-level BPE through the word cache of
+    tokenizer/word_cache.py, the fastest path for plain text; and for punkt sentence
+    splitting, which is pure Python). Results are numpy arrays,
     cheap to send back; at most 2 x workers batches are in flight, so memory stays bounded.
 Both yield results in input order, which the output files depend on.
 """

@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from .base import MegatronTokenizer
 from ._files import require_file
 from .long_text import iter_piece_ids, probe_cut_mode
+from .word_cache import WordCacheEncoder, supports_word_cache
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -76,6 +77,10 @@ class GPT2BPETokenizer(MegatronTokenizer):
         self._vocab = vocab
         self._eod = vocab[EOD_TOKEN]
         self._cut_mode: Optional[str] = None
+        added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+        self._words = WordCacheEncoder(self._encode_rust, added) if supports_word_cache(tokenizer) else None
+        # the word cache runs under the GIL: --workers then means worker processes
+        self.parallel_batch = self._words is None
 
     @property
     def vocab_size(self) -> int:
@@ -94,15 +99,19 @@ class GPT2BPETokenizer(MegatronTokenizer):
             raise ValueError(f"tokenize expects a string, got {type(text).__name__}")
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+    def _encode_rust(self, texts: Sequence[str]) -> List[List[int]]:
         """One call into Rust for the whole list (parallel over texts)."""
+        # encode_batch_fast (tokenizers >= 0.20) skips computing offsets; same ids.
+        encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        """Through the word cache (see word_cache.py), or one Rust call for the whole list."""
         texts = list(texts)
         for t in texts:
             if not isinstance(t, str):
                 raise ValueError(f"tokenize_batch expects strings, got {type(t).__name__}")
-        # encode_batch_fast (tokenizers >= 0.20) skips computing offsets; same ids.
-        encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return self._words.encode(texts) if self._words is not None else self._encode_rust(texts)
 
     def tokenize_pieces(self, text: str, piece_chars: int) -> Optional[Iterator[List[int]]]:
         """GPT-2's regex splits "word| word": see long_text.py."""

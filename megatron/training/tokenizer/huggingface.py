@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 from .base import MegatronTokenizer
 from ._files import TokenizerFileError, require_dir
 from .long_text import iter_piece_ids, probe_cut_mode, special_wrapping
+from .word_cache import WordCacheEncoder, supports_word_cache
 
 _FLAG = "--tokenizer-model"
 
@@ -144,6 +145,14 @@ class HuggingFaceTokenizer(MegatronTokenizer):
             self._backend = _batch_backend(self._tokenizer)
             self._special_ids = None
             self._vocab_size = len(self._tokenizer)
+        self._words: Optional[WordCacheEncoder] = None
+        if self._backend is not None and supports_word_cache(self._backend):
+            added = [t.content for t in self._backend.get_added_tokens_decoder().values()]
+            self._words = WordCacheEncoder(self._encode_plain, added)
+            self._wrapping = special_wrapping(lambda t: self._backend.encode(t, add_special_tokens=True).ids,
+                                              lambda t: self._encode_plain([t])[0])
+        # the word cache runs under the GIL: --workers then means worker processes
+        self.parallel_batch = self._words is None
 
     @property
     def tokenizer(self) -> Any:
@@ -203,6 +212,9 @@ class HuggingFaceTokenizer(MegatronTokenizer):
         for t in texts:
             if not isinstance(t, str):
                 raise ValueError(f"tokenize_batch expects strings, got {type(t).__name__}")
+        if self._words is not None:  # see word_cache.py
+            before, after = self._wrapping
+            return [before + ids + after for ids in self._words.encode(texts)]
         # encode_batch_fast (tokenizers >= 0.20) skips computing offsets; same ids.
         encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         encodings = encode(texts, add_special_tokens=True)
@@ -219,6 +231,7 @@ class HuggingFaceTokenizer(MegatronTokenizer):
             return None
         if not hasattr(self, "_cut_mode"):
             self._cut_mode = probe_cut_mode(self._encode_plain) or ""
+        if not hasattr(self, "_wrapping"):
             self._wrapping = special_wrapping(lambda t: self._backend.encode(t, add_special_tokens=True).ids,
                                               lambda t: self._encode_plain([t])[0])
         if not self._cut_mode:
