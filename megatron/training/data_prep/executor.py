@@ -111,6 +111,7 @@ class InProcessExecutor:
 
 
 _WORKER_ENCODER: Optional[BatchEncoder] = None
+LOCAL_BATCH_BYTES = 16 << 20  # batches of more input bytes than this are encoded in the main process
 
 
 def _worker_init() -> None:
@@ -135,6 +136,7 @@ class ProcessExecutor:
     def __init__(self, encoder: BatchEncoder, workers: int, recover: Recover) -> None:
         global _WORKER_ENCODER
         _WORKER_ENCODER = encoder
+        self.encoder = encoder
         self.workers = workers
         self.recover = recover
         self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
@@ -142,7 +144,10 @@ class ProcessExecutor:
     def map(self, units: Iterable[WorkUnit]) -> Iterator[Result]:
         window: "deque[Tuple[WorkUnit, Any]]" = deque()
         for unit in units:
-            window.append((unit, self.pool.apply_async(_worker_encode, (unit.batch.values,))))
+            # A batch holding a huge document is encoded here, in its turn: sent to a worker it would
+            # exist three times at once (here, pickled, unpickled there).
+            local = unit.batch.nbytes > LOCAL_BATCH_BYTES
+            window.append((unit, None if local else self.pool.apply_async(_worker_encode, (unit.batch.values,))))
             if len(window) >= 2 * self.workers:
                 yield self._collect(*window.popleft())
         while window:
@@ -150,7 +155,7 @@ class ProcessExecutor:
 
     def _collect(self, unit: WorkUnit, pending: Any) -> Result:
         try:
-            return unit, pending.get()
+            return unit, (self.encoder.encode(unit.batch.values) if pending is None else pending.get())
         except TokenizeError as error:
             return self.recover(unit, error)
 
