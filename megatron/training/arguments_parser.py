@@ -249,6 +249,7 @@ def _moe_args(p: argparse.ArgumentParser) -> None:
     a("--moe-per-layer-logging", action="store_true")
     a("--moe-token-distribution-logging", action="store_true")
     a("--moe-token-distribution-logging-interval", type=int, default=50)
+    a("--moe-token-distribution-logging-to-console", action="store_true", help="Also print the per-expert counts.")
 
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
@@ -298,7 +299,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     a("--recompute-num-layers", type=int, default=None)
     a("--recompute-modules", nargs="*", choices=RECOMPUTE_MODULES, default=None, help="Selective only; default core_attn.")
     a("--deterministic-mode", action="store_true")
-    a("--optimizer", choices=["adam", "fusedadamw"], default="adam", help="AdamW; fusedadamw uses the HPU kernel.")
+    a("--optimizer", choices=["adam", "fusedadamw"], default="adam", help="AdamW; fusedadamw runs it through Intel's FusedAdamW on Gaudi (elsewhere: the same update, with a note).")
     a("--adam-beta1", type=float, default=0.9)
     a("--adam-beta2", type=float, default=0.999)
     a("--adam-eps", type=float, default=1e-8)

@@ -92,6 +92,7 @@ def optimizer_config(run: RunConfig) -> OptimizerConfig:
         bf16=run.training.bf16,
         use_distributed_optimizer=o.use_distributed_optimizer,
         log_num_zeros_in_grad=run.logging.log_num_zeros_in_grad,
+        use_fused_adamw=o.optimizer == "fusedadamw",
     )
 
 

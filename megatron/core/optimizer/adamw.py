@@ -15,7 +15,7 @@ with foreach kernels (one launch per op for the whole list on CUDA / HPU).
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -52,3 +52,47 @@ def adamw_step_(
     torch._foreach_div_(denom, bias_correction2**0.5)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, -step_size)
+
+
+class FusedAdamWRunner:
+    """The same AdamW step through a fused optimizer class with torch.optim's interface
+    (`cls(params, lr=, betas=, eps=, weight_decay=)`, `.state[p]`, `.step()`), e.g. Intel's
+    FusedAdamW on Gaudi.
+
+    The optimizer's own fp32 tensors stay the state: each master tensor is wrapped (storage
+    shared) as a parameter of one `cls` instance per parameter group, whose state entries are the
+    slot's exp_avg / exp_avg_sq tensors, so checkpoints read and restore the same memory. The step
+    count is written into the state before every step (torch.optim keeps it as a tensor and adds 1).
+    """
+
+    def __init__(self, cls: type, groups: List[List[Tuple[Tensor, Tensor, Tensor]]], betas: Tuple[float, float],
+                 eps: float) -> None:
+        """groups: per parameter group, (master, exp_avg, exp_avg_sq) of each slot."""
+        self.holders: List[List[torch.nn.Parameter]] = []
+        self.optimizers = []
+        for members in groups:
+            holders = [torch.nn.Parameter(master, requires_grad=False) for master, _, _ in members]
+            opt = cls(holders, lr=0.0, betas=betas, eps=eps, weight_decay=0.0) if holders else None
+            if opt is not None:
+                for holder, (_, exp_avg, exp_avg_sq) in zip(holders, members):
+                    opt.state[holder] = {"step": torch.tensor(0.0), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            self.holders.append(holders)
+            self.optimizers.append(opt)
+
+    def step_(self, group: int, grads: List[Tensor], *, step: int, lr: float, weight_decay: float) -> None:
+        """One step of parameter group `group` with these fp32 gradients (one per member, in order)."""
+        opt = self.optimizers[group]
+        if opt is None:
+            return
+        for pg in opt.param_groups:
+            pg["lr"], pg["weight_decay"] = lr, weight_decay
+        for holder, grad in zip(self.holders[group], grads):
+            holder.grad = grad
+            state = opt.state[holder]
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"].fill_(step - 1)
+            else:
+                state["step"] = step - 1
+        opt.step()
+        for holder in self.holders[group]:
+            holder.grad = None

@@ -33,6 +33,9 @@ class OptimizerConfig:
     bf16: bool = False
     use_distributed_optimizer: bool = False
     log_num_zeros_in_grad: bool = False
+    # Run the AdamW update through the device's fused kernel (Intel's FusedAdamW on Gaudi) when the
+    # device has one; the arithmetic is AdamW's either way (--optimizer fusedadamw).
+    use_fused_adamw: bool = False
 
     def __post_init__(self) -> None:
         if not self.lr >= 0:

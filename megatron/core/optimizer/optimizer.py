@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from megatron.core.distributed.ddp import DistributedDataParallel, main_grad, unwrap_model
-from megatron.core.optimizer.adamw import adamw_step_
+from megatron.core.device import device_of
+from megatron.core.optimizer.adamw import FusedAdamWRunner, adamw_step_
 from megatron.core.optimizer.clip_grads import clip_grads_, count_zeros, global_grad_norm
 from megatron.core.optimizer.config import OptimizerConfig
 from megatron.core.parallel_state import ParallelState
@@ -113,6 +114,16 @@ class MegatronOptimizer:
         for param, lo, hi in self._pieces():
             chunk, name = names[param]
             self.slots.append(self._make_slot(param, name, chunk, lo, hi))
+        self.fused: Optional[FusedAdamWRunner] = None
+        fused_cls = device_of(self.slots[0].master).fused_adamw() if config.use_fused_adamw and self.slots else None
+        if fused_cls is not None:
+            groups = [[(s.master, s.exp_avg, s.exp_avg_sq) for s in self.slots if s.group == g] for g in range(len(self.param_groups))]
+            self.fused = FusedAdamWRunner(fused_cls, groups, (config.adam_beta1, config.adam_beta2), config.adam_eps)
+
+    @property
+    def uses_fused_adamw(self) -> bool:
+        """Whether the update runs through the device's fused AdamW kernel."""
+        return self.fused is not None
 
     # ---- construction ----------------------------------------------------------------------------
     def _param_names(self) -> Dict[nn.Parameter, Tuple[int, str]]:
@@ -202,6 +213,10 @@ class MegatronOptimizer:
         self.step_count += 1
         for index, group in enumerate(self.param_groups):
             members = [(s, g) for s, g in live if s.group == index]
+            if self.fused is not None and len(members) == sum(s.group == index for s in self.slots):
+                self.fused.step_(index, [g for _, g in members], step=self.step_count, lr=float(group["lr"]),
+                                 weight_decay=float(group["weight_decay"]))
+                continue
             adamw_step_(
                 [s.master for s, _ in members], [g for _, g in members],
                 [s.exp_avg for s, _ in members], [s.exp_avg_sq for s, _ in members],
