@@ -2,6 +2,7 @@
 """How close the layout planner's peak-memory prediction is to a real CPU run, per rank.
 
     python benchmarks/plan_accuracy.py [--layouts tp2_sp,ep2_alltoall] [--json out.json]
+    python benchmarks/plan_accuracy.py --comm
 
 For every layout, `torchrun pretrain_gpt.py` runs two iterations twice: with the benchmark model
 and with a tiny model of the same layout. The measure is each rank's resident-set high-water
@@ -9,7 +10,9 @@ mark (megatron.training.planning.measure: MALLOC_MMAP_THRESHOLD_=65536, so freed
 the process). The tiny run gives the process baseline (Python, torch, gloo, data loader, code
 pages): baseline = measured_tiny - predicted_tiny. The compared quantity is
 measured_big - baseline against the planner's peak for the rank's stage (fp32, device type cpu).
-Results are written to benchmarks/RESULTS.md by hand from the printed table.
+--comm instead counts the bytes torch.distributed moves per group kind in one training step
+(a 2-iteration run minus a 1-iteration run, tiny model) and compares them with the plan, summed
+over both ranks. Results are copied to benchmarks/RESULTS.md from the printed tables.
 """
 
 from __future__ import annotations
@@ -72,6 +75,52 @@ LAYOUTS: Dict[str, Tuple[int, List[str]]] = {
 }
 
 
+# Communication: a tiny model (traffic does not depend on the widths being realistic).
+COMM_MODEL = ["--model-preset", "tiny", "--hidden-size", "64", "--ffn-hidden-size", "128", "--moe-ffn-hidden-size",
+              "32", "--num-layers", "3", "--seq-length", "32", "--micro-batch-size", "2", "--vocab-size", "255"]
+COMM_LAYOUTS: Dict[str, List[str]] = {
+    "tp2_sp_ep2_allgather": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size",
+                             "2", "--moe-token-dispatcher-type", "allgather", "--global-batch-size", "4"],
+    "pp2_uneven_mtp": ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
+                       "--global-batch-size", "8"],
+    "dp2_ep2_alltoall_distopt": ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
+                                 "--use-distributed-optimizer", "--global-batch-size", "8"],
+    "tp2_sp_full_recompute": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--recompute-granularity",
+                              "full", "--recompute-method", "uniform", "--recompute-num-layers", "1",
+                              "--global-batch-size", "4"],
+    "tp2_sp_ep2_allgather_full_recompute": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                            "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type",
+                                            "allgather", "--recompute-granularity", "full", "--recompute-method",
+                                            "uniform", "--recompute-num-layers", "2", "--global-batch-size", "4"],
+    "ep2_allgather_moe_recompute_distopt": ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type",
+                                            "allgather", "--recompute-granularity", "selective",
+                                            "--recompute-modules", "moe", "--use-distributed-optimizer",
+                                            "--global-batch-size", "8"],
+    "tp2_sp_ep2_alltoall_moe_recompute": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                          "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
+                                          "--recompute-granularity", "selective", "--recompute-modules", "moe",
+                                          "--global-batch-size", "4"],
+}
+
+
+def compare_comm(name: str, work_dir: str) -> List[Tuple[str, str, float, float]]:
+    """(kind, op, predicted, counted) per step, summed over the ranks."""
+    argv = COMM_MODEL + RUN + COMM_LAYOUTS[name]
+    run = parse_args(argv, 2, check_paths=False)
+    plan = plan_for_run(run, "cpu")
+    per_stage = 2 // plan.layout.pp
+    counted = measure.one_step_comm(2, argv, os.path.join(work_dir, name))
+    totals: Dict[Tuple[str, str], List[float]] = {}
+    for rank in range(2):
+        for kind, ops in plan.stages[rank // per_stage].comm_bytes.items():
+            for op, value in ops.items():
+                totals.setdefault((kind, op), [0.0, 0.0])[0] += value
+        for kind, ops in counted[rank].items():
+            for op, value in ops.items():
+                totals.setdefault((kind, op), [0.0, 0.0])[1] += value
+    return [(kind, op, p, c) for (kind, op), (p, c) in sorted(totals.items())]
+
+
 def predicted_peaks(world: int, argv: Sequence[str]) -> List[float]:
     """The planner's peak bytes for every rank (its pipeline stage's peak)."""
     run = parse_args(list(argv), world, check_paths=False)
@@ -99,8 +148,11 @@ def compare(name: str, world: int, flags: Sequence[str]) -> Dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--comm", action="store_true", help="check communication bytes instead of memory")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.comm:
+        return main_comm([n for n in args.layouts.split(",") if n in COMM_LAYOUTS])
     results = []
     print("| layout | rank | predicted MiB | measured MiB (RSS peak - baseline) | baseline MiB | error |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -117,6 +169,21 @@ def main() -> int:
     worst = max(abs(r["error"]) for res in results for r in res["ranks"])
     print(f"worst error {worst:.1%}")
     return 0 if worst <= 0.10 else 1
+
+
+def main_comm(names: Sequence[str] = ()) -> int:
+    import tempfile
+
+    print("| layout | group | op | planned bytes (both ranks) | counted bytes (both ranks) | equal |")
+    print("| --- | --- | --- | ---: | ---: | --- |")
+    ok = True
+    with tempfile.TemporaryDirectory() as work:
+        for name in (names or COMM_LAYOUTS):
+            for kind, op, planned, counted in compare_comm(name, work):
+                same = planned == counted
+                ok &= same
+                print(f"| {name} | {kind} | {op} | {planned:,.0f} | {counted:,.0f} | {'yes' if same else 'NO'} |", flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

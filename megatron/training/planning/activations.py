@@ -84,7 +84,10 @@ def attention(c: DeepSeekConfig, lay: Layout) -> Breakdown:
     # query (q with its rope slice rotated in place), key, and the kv projection whose window is v.
     out.add("attention", 2 * q + kv, max(q, kv))
     if not lay.recompute_granularity == "selective" or "core_attn" not in lay.recompute_modules:
-        out.add("attention", q + 4 * t * n)  # SDPA output and fp32 logsumexp
+        # SDPA output and fp32 logsumexp. The output is v wide where the kernel takes the narrow
+        # value (CUDA cuDNN), q/k wide where it gets the wide view of the kv projection.
+        narrow = lay.device_kind == "cuda" or m.qk_head_dim <= m.v_head_dim
+        out.add("attention", (p * t * n * m.v_head_dim if narrow else q) + 4 * t * n)
     out.add("attention", p * t * n * m.v_head_dim)  # o_proj input
     return out
 
@@ -99,23 +102,23 @@ def dense_mlp(c: DeepSeekConfig, lay: Layout) -> Breakdown:
     return out
 
 
-def expert_rows(c: DeepSeekConfig, lay: Layout) -> Tuple[float, float]:
-    """(rows of the buffer handed to one rank's experts, rows the experts compute) per MoE layer
-    and micro-batch.
+def expert_rows(c: DeepSeekConfig, lay: Layout) -> Tuple[float, float, float]:
+    """(buffer rows, rows whose activations the experts keep, rows they multiply) per MoE layer,
+    micro-batch and rank.
 
     Buffer: T k for one device (dropped assignments stay at its tail), the kept rows for the
     all-to-all dispatcher (balanced routing), W T min(k, E/EP) for the all-gather one (a static
-    size), E C slots with padding to capacity. Computed: every buffer row with grouped GEMM or
-    the padded batched GEMM; without grouped GEMM (--moe-grouped-gemm off, devices without the
-    kernel) the tiled fallback's tiles (at most twice the buffer) or the per-expert loop's valid
-    rows (about T k, or the kept ones).
+    size), E C slots with padding to capacity. Grouped GEMM keeps outputs for the whole buffer but
+    multiplies only its valid prefix; the CPU per-expert loop keeps and multiplies the valid rows
+    (about T k, or the kept ones); the tiled fallback of accelerators without grouped GEMM keeps
+    and multiplies ceil(N / B) + E_local tiles of B = ceil(N / E_local) rows (at most 2N).
     """
     moe = c.moe
     tm, k, e = lay.local_tokens, moe.topk, moe.num_experts
     ep = lay.ep
     cap = None if moe.capacity_factor is None else max(1, math.ceil(tm * k / e * moe.capacity_factor))
     if moe.pad_to_capacity and cap is not None:
-        return e * cap, e * cap  # E_local x (EP x C) slots (EP = 1: E x C)
+        return e * cap, e * cap, e * cap  # E_local x (EP x C) slots (EP = 1: E x C), batched GEMM
     kept = tm * k if cap is None else min(tm * k, e * cap)
     if ep > 1 and lay.dispatcher == "allgather":
         buffer = ep * tm * min(k, e // ep)
@@ -123,14 +126,14 @@ def expert_rows(c: DeepSeekConfig, lay: Layout) -> Tuple[float, float]:
         buffer = kept  # all-to-all sends only kept rows
     else:
         buffer = tm * k
-    if lay.grouped_gemm:
-        return buffer, buffer
+    if lay.expert_path == "grouped":
+        return buffer, buffer, kept
     if lay.expert_path == "tiled":
-        # Tiles of B = ceil(N / E_local) rows, ceil(N / B) + E_local of them (moe/experts.py).
         e_local = e // ep
         block = math.ceil(buffer / e_local)
-        return buffer, (math.ceil(buffer / block) + e_local) * block
-    return buffer, kept
+        tiles = (math.ceil(buffer / block) + e_local) * block
+        return buffer, tiles, tiles
+    return buffer, kept, kept
 
 
 def moe_mlp(c: DeepSeekConfig, lay: Layout) -> Breakdown:
@@ -155,7 +158,7 @@ def moe_mlp(c: DeepSeekConfig, lay: Layout) -> Breakdown:
     if moe.z_loss_coeff:
         router += 4 * tm * e
     out.add("moe_router", router)
-    n, computed = expert_rows(c, lay)
+    n, computed, _ = expert_rows(c, lay)
     world = lay.ep if lay.ep > 1 and lay.dispatcher == "allgather" else 1
     # Rows entering the experts (kept by the first GEMM) and the permutation indices.
     out.add("moe_dispatch", p * n * h + INDEX_BYTES * tm * k + (2 * n if world > 1 else 0), p * n * h)

@@ -25,8 +25,10 @@ distributed/grad_buffer.py, moe/*dispatcher*.py, pipeline_parallel/p2p.py):
   first and last stage sum the shared embedding's gradient (MTP) over "embedding".
 On gloo (CPU) reduce-scatter runs as an all-reduce of the whole tensor (gloo lacks it), so the
 "cpu" device type counts those as all-reduces, as the code issues them. Recompute repeats the
-forward collectives of what it recomputes. The all-to-all rows assume balanced routing (the
-group's total is exact for dropless routing; a single rank's share follows the router).
+forward collectives of what it recomputes, up to its last saved tensor (torch.utils.checkpoint
+stops early, so a checkpointed region's final output reduction runs once). The all-to-all rows
+assume balanced routing (the group's total is exact for dropless routing; a single rank's share
+follows the router).
 """
 
 from __future__ import annotations
@@ -62,9 +64,12 @@ class _Tally:
         self.add(kind, "all_gather", nbytes, times)
 
 
-def _tp_layer(t: _Tally, c: DeepSeekConfig, lay: Layout, moe: bool, attn_fwd: float, mlp_fwd: float, bwd: float) -> None:
+def _tp_layer(
+    t: _Tally, c: DeepSeekConfig, lay: Layout, moe: bool, attn_fwd: float, mlp_fwd: float, out_fwd: float, bwd: float
+) -> None:
     """One decoder layer's TP traffic: attention forward `attn_fwd` times, its MLP forward
-    `mlp_fwd` times (recompute reruns forwards), backward `bwd` times."""
+    `mlp_fwd` times (recompute reruns forwards) except the dense MLP's output reduction,
+    `out_fwd` times, and backward `bwd` times."""
     m, h, p = c.mla, c.hidden_size, lay.param_bytes
     tok = lay.tokens_per_microbatch
     full = tok * h * p
@@ -91,10 +96,10 @@ def _tp_layer(t: _Tally, c: DeepSeekConfig, lay: Layout, moe: bool, attn_fwd: fl
     elif lay.sequence_parallel:
         t.all_gather("tp", full, mlp_fwd)  # gate_up input
         t.reduce_scatter("tp", full, bwd)
-        t.reduce_scatter("tp", full, mlp_fwd)  # down_proj output
+        t.reduce_scatter("tp", full, out_fwd)  # down_proj output
         t.all_gather("tp", full, bwd)
     else:
-        t.add("tp", "all_reduce", full, mlp_fwd)  # down_proj output
+        t.add("tp", "all_reduce", full, out_fwd)  # down_proj output
         t.add("tp", "all_reduce", full, bwd)  # gate_up input gradient
 
 
@@ -114,7 +119,9 @@ def _tp_edges(t: _Tally, c: DeepSeekConfig, lay: Layout, embeddings: int, heads:
     t.add("tp", "all_reduce", 8 * tok, heads)  # target logit and sum of exp
 
 
-def _ep_layer(t: _Tally, c: DeepSeekConfig, lay: Layout, fwd: float, bwd: float) -> None:
+def _ep_layer(t: _Tally, c: DeepSeekConfig, lay: Layout, fwd: float, out_fwd: float, bwd: float) -> None:
+    """One MoE layer's EP traffic: forward `fwd` times, except the all-gather dispatcher's final
+    reduce-scatter `out_fwd` times, backward `bwd` times."""
     moe, h, p = c.moe, c.hidden_size, lay.param_bytes
     tm, k, e, w = lay.local_tokens, moe.topk, moe.num_experts, lay.ep
     cap = None if moe.capacity_factor is None else max(1, math.ceil(tm * k / e * moe.capacity_factor))
@@ -131,7 +138,7 @@ def _ep_layer(t: _Tally, c: DeepSeekConfig, lay: Layout, fwd: float, bwd: float)
     t.all_gather("ep", gathered, fwd)  # tokens
     t.all_gather("ep", w * tm * k * 4, fwd)  # routing weights (fp32)
     t.all_gather("ep", route, fwd)  # routing decisions (int64, no gradient)
-    t.reduce_scatter("ep", gathered, fwd)  # combine
+    t.reduce_scatter("ep", gathered, out_fwd)  # combine
     t.all_gather("ep", gathered, bwd)  # combine backward
     t.reduce_scatter("ep", gathered, bwd)  # token gather backward
     t.reduce_scatter("ep", w * tm * k * 4, bwd)  # weight gather backward
@@ -147,19 +154,27 @@ def stage_comm(
     start, end = lay.stage_ranges[stage]
     first, last = stage == 0, stage == lay.pp - 1
     layers = list(range(start, end))
-    checkpointed, _ = lay.recompute_full_chunks(end - start)
+    checkpointed, chunk = lay.recompute_full_chunks(end - start)
     moe_recompute = lay.recompute_granularity == "selective" and "moe" in lay.recompute_modules
     mtp = c.mtp.num_layers if last else 0
-    all_layers = [(i, offset < checkpointed) for offset, i in enumerate(layers)]
-    all_layers += [(c.num_layers + d, False) for d in range(mtp)]
-    for i, full_recompute in all_layers:
+    # (layer, recomputed by full recompute, last layer of its checkpointed chunk)
+    all_layers = [(i, offset < checkpointed, offset < checkpointed and (offset + 1) % chunk == 0 or offset + 1 == checkpointed)
+                  for offset, i in enumerate(layers)]
+    all_layers += [(c.num_layers + d, False, False) for d in range(mtp)]
+    # The shared experts run after the combine unless overlapped with the dispatch: their saved
+    # tensors then come after the combine's collectives.
+    shared_after = c.moe.num_shared_experts > 0 and not lay.shared_expert_overlap
+    for i, full_recompute, chunk_end in all_layers:
         moe = c.is_moe_layer(i)
         runs = mb * (2 if full_recompute or (moe and moe_recompute) else 1)
+        # Recompute stops once the last saved tensor is rebuilt (torch.utils.checkpoint's early
+        # stop): a region's final output reduction is not rerun when nothing saved follows it.
+        region_end = chunk_end or (moe and moe_recompute and not full_recompute)
+        out_runs = mb if region_end and not (moe and shared_after) else runs
         if lay.tp > 1:
-            attn_runs = mb * (2 if full_recompute else 1)
-            _tp_layer(t, c, lay, moe, attn_runs, runs, mb)
+            _tp_layer(t, c, lay, moe, mb * (2 if full_recompute else 1), runs, out_runs, mb)
         if moe and lay.ep > 1:
-            _ep_layer(t, c, lay, runs, mb)
+            _ep_layer(t, c, lay, runs, out_runs, mb)
     if lay.tp > 1:
         _tp_edges(t, c, lay, mb * ((1 if first else 0) + mtp), mb * ((1 if last else 0) + mtp))
     if buffers is None:

@@ -51,6 +51,11 @@ class Layout:
     # over the whole row buffer: --moe-grouped-gemm and a device/dtype with the kernel), "loop"
     # (one GEMM pair per expert over its valid rows: CPU) or "tiled" (static tiles, accelerators).
     expert_path: str = "loop"
+    # The device layer's kind ("cpu", "cuda", "hpu"): picks kernels whose memory differs, e.g. the
+    # MLA value head (attention.mla_value: narrow v for CUDA's cuDNN attention, a q/k-wide view
+    # of the kv projection elsewhere).
+    device_kind: str = "cpu"
+    shared_expert_overlap: bool = False  # --moe-shared-expert-overlap: shared experts before the combine
 
     @property
     def grouped_gemm(self) -> bool:
@@ -155,6 +160,8 @@ def layout_from_run(run: Any, device_kind: str = "cpu", grouped_mm_dtypes: Tuple
         clip_grad=float(opt.clip_grad),
         expert_path=expert_path(bool(run.model.kernels.use_grouped_gemm), run.model.params_dtype, device_kind,
                                 grouped_mm_dtypes),
+        device_kind=device_kind,
+        shared_expert_overlap=bool(getattr(dist, "moe_shared_expert_overlap", False)),
     )
 
 

@@ -54,7 +54,7 @@ def _moe_flops(c: DeepSeekConfig, lay: Layout) -> float:
     """Forward FLOPs of one MoE MLP for one micro-batch on one rank: router and shared experts on
     the rank's tokens, routed experts on the rows they compute (balanced routing, activations.py)."""
     moe, h = c.moe, c.hidden_size
-    _, rows = expert_rows(c, lay)
+    rows = expert_rows(c, lay)[2]
     return (2 * h * moe.num_experts + 6 * h * moe.ffn_hidden_size * moe.num_shared_experts) * lay.local_tokens \
         + 6 * h * moe.ffn_hidden_size * rows
 
