@@ -325,7 +325,7 @@ def read_common(path: str, index: Optional[Index] = None) -> Dict[str, Any]:
     """common.json of an iteration dir, format-checked (and checksum-checked against `index`)."""
     where = os.path.join(path, COMMON_NAME)
     text = read_text(where)
-    common = parse_json_object(text, where)
+    common = parse_json_object(text, where, constants=True)
     if common.get("format") in OLD_FORMATS:
         raise old_format_error(where)
     if common.get("format") != FORMAT:

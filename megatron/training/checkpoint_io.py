@@ -151,10 +151,12 @@ def _refuse(value: str) -> Any:
     raise ValueError(f"{value} is not allowed")
 
 
-def parse_strict_json(text: str, floats: bool = True) -> Any:
-    """JSON without duplicate keys or NaN / Infinity (and without floats unless `floats`)."""
+def parse_strict_json(text: str, floats: bool = True, constants: bool = False) -> Any:
+    """JSON without duplicate keys, without floats unless `floats`, and without NaN / Infinity
+    unless `constants` (run arguments and scheduler state may hold an infinite float)."""
     return json.loads(
-        text, object_pairs_hook=_no_duplicates, parse_constant=_refuse, parse_float=float if floats else _refuse
+        text, object_pairs_hook=_no_duplicates, parse_constant=float if constants else _refuse,
+        parse_float=float if floats else _refuse,
     )
 
 
@@ -218,9 +220,9 @@ def read_text(path: str) -> str:
         raise CheckpointError(f"{path}: unreadable: {exc}") from None
 
 
-def parse_json_object(text: str, path: str) -> Dict[str, Any]:
+def parse_json_object(text: str, path: str, constants: bool = False) -> Dict[str, Any]:
     try:
-        value = parse_strict_json(text)
+        value = parse_strict_json(text, constants=constants)
     except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: corrupt JSON: {exc}") from None
     if not isinstance(value, dict):

@@ -181,7 +181,7 @@ def _common(iteration: int, header: Optional[dict], scheduler_state: Any, run_co
     }
     common.update(extra or {})
     try:
-        return json.dumps(common, indent=1, allow_nan=False)
+        return json.dumps(common, indent=1)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"checkpoint metadata must be JSON (scheduler state, consumed samples, args): {exc}") from exc
 

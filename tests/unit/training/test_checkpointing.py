@@ -325,3 +325,11 @@ def test_save_is_timely(tmp_path):
     start = time.perf_counter()
     save(tmp_path, 1, model, opt, state)
     assert time.perf_counter() - start < 30
+
+
+def test_infinite_floats_in_run_metadata_round_trip(tmp_path):
+    model, opt, state = build()
+    ckpt.save_checkpoint(str(tmp_path), 1, [model], opt, {"max_lr": float("inf")}, None, state, None)
+    out = ckpt.load_checkpoint(str(tmp_path), [model], opt, None, state)
+    assert out["scheduler_state"] == {"max_lr": float("inf")}
+    assert ckpt.verify_checkpoint(str(tmp_path))["iteration"] == 1
