@@ -65,7 +65,7 @@ from megatron.training.checkpoint_io import TRACKER_NAME, CheckpointError, itera
 __all__ = [
     "save_checkpoint", "load_checkpoint", "checkpoint_args", "verify_checkpoint", "export_full_state_dict",
     "load_full_model", "CheckpointError", "TRACKER_NAME", "iteration_dir", "read_tracker", "acquire_save_lock",
-    "release_save_lock",
+    "release_save_lock", "verify_saved_checkpoint",
 ]
 
 acquire_save_lock = lock.acquire_save_lock
@@ -474,6 +474,21 @@ def verify_checkpoint(directory: str) -> Dict[str, Any]:
     from megatron.training.checkpoint_verify import verify_checkpoint as verify
 
     return verify(directory)
+
+
+def verify_saved_checkpoint(directory: str) -> Dict[str, Any]:
+    """--verify-checkpoint after a save (collective): rank 0 checks `directory` completely (every
+    block re-hashed); every rank returns its summary or raises the same CheckpointError."""
+    result: Any = None
+    if _rank() == 0:
+        try:
+            result = ("ok", verify_checkpoint(directory))
+        except CheckpointError as exc:
+            result = ("error", str(exc))
+    result = _broadcast(result)
+    if result[0] == "error":
+        raise CheckpointError(result[1])
+    return result[1]
 
 
 def export_full_state_dict(load_dir: str) -> Dict[str, torch.Tensor]:

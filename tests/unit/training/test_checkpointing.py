@@ -318,6 +318,9 @@ def test_hf_io_checkpoint_as_finetune_start(trained, tmp_path):
 def test_verify_module_cli_still_works(trained, capsys):
     assert ckpt.main(["verify", str(trained["root"])]) == 0
     assert "checkpoint OK" in capsys.readouterr().out
+    assert ckpt.verify_saved_checkpoint(str(trained["root"]))["iteration"] == 2
+    with pytest.raises(ckpt.CheckpointError, match="no such directory"):
+        ckpt.verify_saved_checkpoint(str(trained["root"] / "absent"))
 
 
 def test_save_is_timely(tmp_path):
