@@ -5,7 +5,6 @@ found before training, by a scan that is cached."""
 from __future__ import annotations
 
 import glob
-import os
 
 import numpy as np
 import pytest
