@@ -35,16 +35,12 @@ from megatron.training.initialize import (
     set_random_seeds,
 )
 from megatron.training.lr_scheduler import OptimizerParamScheduler
-from megatron.training.model_builder import ModelStage, build_training_stage, count_parameters
+from megatron.training.model_builder import ModelStage, build_training_stage
+from megatron.training.run_summary import RunReport, exit_reason, print_rank, print_rank_0
 from megatron.training.training_data import build_data_iterators, build_datasets, build_tokenizer_for_run
-from megatron.training.training_log import TrainingLogger, moe_scalars
+from megatron.training.training_log import ExpertLoadLog, TrainingLogger
 
 ForwardStep = Callable[[Any, Any], Tuple[Any, Callable]]
-
-
-def print_rank_0(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(msg, flush=True)
 
 
 # ---- forward step -----------------------------------------------------------------------------
@@ -93,6 +89,9 @@ class _Run:
         self.sigterm = False
         self.start_time = time.time()
         self.loss_history: List[Dict[str, Any]] = []  # one entry per iteration run by this process
+        self.report = RunReport(run, self.torch_device, iteration)
+        self.expert_loads = ExpertLoadLog(run, stage.model, state.rank_in("tp") == 0 and state.rank_in("dp") == 0,
+                                          self.torch_device, logger, iteration)
 
     @property
     def model(self) -> Any:
@@ -191,6 +190,7 @@ def save(r: _Run) -> None:
         c.save, r.iteration, r.stage.chunks, None if c.no_save_optim else r.stage.optimizer,
         r.scheduler.state_dict(), r.run, r.state, dict(r.consumed), rng=not c.no_save_rng,
     )
+    r.report.after_save(r.iteration)
 
 
 def _load(run: RunConfig, state: ParallelState, stage: ModelStage, scheduler: OptimizerParamScheduler
@@ -263,30 +263,24 @@ def setup(run: RunConfig, rank: int, local_rank: int, forward_step: ForwardStep)
     tokenizer, run = build_tokenizer_for_run(run)
     print_rank_0(format_run_config(run))
     stage = build_training_stage(run, state, device, local_rank)
+    if run.optimizer.optimizer == "fusedadamw" and not stage.optimizer.uses_fused_adamw:
+        print_rank_0(f"note: --optimizer fusedadamw: no fused AdamW kernel on {device.kind}; this repository's AdamW "
+                     "runs instead (the same update)")
     scheduler = OptimizerParamScheduler.from_run_config(stage.optimizer, run)
     iteration, consumed = _load(run, state, stage, scheduler)
     iterators = build_data_iterators(run, state, build_datasets(run, tokenizer), consumed)
     logging_rank = state.is_last_stage and state.rank_in("tp") == 0 and state.rank_in("dp") == 0
     logger = TrainingLogger(run, logging_rank, flops_per_token(run.model, run.data.seq_length)["train"],
                             _peak(run, device), run.distributed.world_size)
-    print_rank_0(f"> stage 0 parameters on rank {rank}: {count_parameters(stage.model):,}; "
-                 f"micro-batches per iteration: {run.num_microbatches}; device: {device.kind}")
-    return _Run(run, state, device, stage, scheduler, iterators, logger, iteration, consumed, forward_step, rank)
+    r = _Run(run, state, device, stage, scheduler, iterators, logger, iteration, consumed, forward_step, rank)
+    r.report.print_startup(stage.model, state, device.kind)
+    return r
 
 
 
 
 def _exit_reason(r: _Run) -> Optional[str]:
-    t = r.run.training
-    if t.exit_interval and r.iteration % t.exit_interval == 0:
-        return f"exit interval {t.exit_interval}"
-    checks = t.exit_signal_handler or t.kill_switch_file or t.exit_duration_in_mins
-    if not checks:
-        return None
-    local = r.sigterm or bool(t.kill_switch_file and os.path.exists(t.kill_switch_file))
-    if t.exit_duration_in_mins and (time.time() - r.start_time) / 60 > t.exit_duration_in_mins:
-        local = True
-    return "signal, kill switch or duration" if comm.any_rank(local, r.torch_device) else None
+    return exit_reason(r.run.training, r.iteration, r.sigterm, r.start_time, r.torch_device)
 
 
 class _Profiler:
@@ -326,8 +320,7 @@ class _Profiler:
         if self.prof is not None and iteration >= self.end:
             self.prof.stop()
             self.prof = None
-            print(f"profiler trace of iterations {self.start}-{self.end} written to {os.path.abspath(self.out_dir)}",
-                  flush=True)
+            print_rank(f"profiler trace of iterations {self.start}-{self.end} written to {os.path.abspath(self.out_dir)}")
 
 
 def train(r: _Run) -> str:
@@ -357,8 +350,9 @@ def train(r: _Run) -> str:
         r.logger.add(losses, skipped=not ok, nan=nan, timers={"train-step": step_time, **r.timers.read()})
         r.loss_history.append({"iteration": r.iteration, "skipped": not ok, **losses})
         profiler.after(r.iteration)
+        moe_stats = r.expert_loads.collect(r.iteration)  # every rank: one collective when a window ends
         if r.iteration % lg.log_interval == 0:
-            extra = moe_scalars(r.model)
+            extra = dict(moe_stats)
             if lg.log_memory_to_tensorboard:
                 extra.update({f"memory/{k}": float(v) for k, v in r.device.memory_stats().items()})
             r.logger.log(r.iteration, r.consumed["train"], r.stage.optimizer.get_lr(), last_norm, last_zeros, extra)
@@ -428,6 +422,7 @@ def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[Forwa
             reason = train(r)
         r.stage.ddp.finish_param_sync()
         evaluations = _final_evaluations(r, reason)
+        r.report.print_end_summary(r.iteration, r.consumed, r.logger, reason)
         return {"iteration": r.iteration, "exit_reason": reason, "history": r.logger.history,
                 "skipped": r.logger.skipped_total, "nan": r.logger.nan_total, "consumed": dict(r.consumed),
                 "losses": list(r.loss_history), "evaluations": evaluations}

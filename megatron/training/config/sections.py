@@ -366,6 +366,7 @@ class LoggingConfig:
     moe_per_layer_logging: bool = False
     moe_token_distribution_logging: bool = False
     moe_token_distribution_logging_interval: int = 50
+    moe_token_distribution_logging_to_console: bool = False
     logging_level: Optional[int] = None
 
     @classmethod

@@ -257,6 +257,24 @@ class DeepSeekModel(nn.Module):
         for moe in self.moe_layers():
             moe.router.set_aux_loss_scale(scale)
 
+    def _count_expert_loads(self) -> None:
+        """Training forwards add their routing counts to each MoE layer's logging window (once per
+        forward: a recompute in backward does not pass here)."""
+        if self.training and torch.is_grad_enabled():
+            for moe in self.moe_layers():
+                moe.count_window_load()
+
+    def take_expert_load_window(self) -> Dict[int, torch.Tensor]:
+        """{global layer index (MTP depth d: num_layers + d - 1): [E + 1] fp32} of this stage's MoE
+        layers: this rank's routing choices per expert since the last call, then the dropped ones
+        (`MoELayer.take_window_load`); every window restarts. Summing over ranks is the caller's."""
+        out: Dict[int, torch.Tensor] = {}
+        for moe in self.moe_layers():
+            load = moe.take_window_load()
+            if load is not None:
+                out[moe.layer_idx] = load
+        return out
+
     @torch.no_grad()
     def update_expert_bias(self) -> int:
         """Aux-loss-free balancing, once per optimizer step: every router's expert bias moves by the
@@ -295,6 +313,7 @@ class DeepSeekModel(nn.Module):
         rotary = self.rotary(input_ids.shape[1], device=hidden.device, dtype=hidden.dtype, position_ids=position_ids)
         hidden = self._run_layers(hidden, rotary)
         if not self.post_process:
+            self._count_expert_loads()
             return hidden
         out = ModelOutput()
         main_logits = self.output_layer(self.final_layernorm(hidden))  # [b, s, V(/tp)]
@@ -310,6 +329,7 @@ class DeepSeekModel(nn.Module):
                 prev = module(prev, self._embed(roll_left(input_ids, depth)), rotary)
                 mtp_logits = self.output_layer(module.final_layernorm(prev))
                 out.mtp_losses.append(self.token_losses(mtp_logits, roll_left(labels, depth)))
+        self._count_expert_loads()
         for moe in self.moe_layers():
             stats = moe.last_stats
             if stats is not None:

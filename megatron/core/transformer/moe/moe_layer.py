@@ -87,6 +87,9 @@ class MoELayer(nn.Module):
             self.shared_experts = SwiGLUMLP(config.hidden_size, moe.ffn_hidden_size * moe.num_shared_experts)
         self.last_stats: Optional[MoEStats] = None
         self.timers: Timers = DISABLED  # "moe-dispatch" / "moe-combine" when the run times its steps
+        # Logging window: [E + 1] fp32, routing choices of real tokens per expert summed over the
+        # counted forwards, then how many of those assignments were dropped (`count_window_load`).
+        self.window_load: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def load_full_expert_weights(self, full_gate_up: torch.Tensor, full_down: torch.Tensor) -> None:
@@ -96,6 +99,28 @@ class MoELayer(nn.Module):
             if shard.shape != param.shape:
                 raise ValueError(f"expert shard of shape {tuple(shard.shape)} does not fit {tuple(param.shape)}")
             param.copy_(shard)
+
+    @torch.no_grad()
+    def count_window_load(self) -> None:
+        """Add the last forward's routing counts (and its dropped assignments) to `window_load`."""
+        stats = self.last_stats
+        if stats is None or stats.tokens_per_expert is None:
+            return
+        counts = stats.tokens_per_expert.float()
+        if self.window_load is None:
+            self.window_load = torch.zeros(counts.numel() + 1, dtype=torch.float32, device=counts.device)
+        self.window_load[:-1] += counts
+        if stats.dropped_fraction is not None:
+            self.window_load[-1] += stats.dropped_fraction.float() * counts.sum()
+
+    @torch.no_grad()
+    def take_window_load(self) -> Optional[torch.Tensor]:
+        """The window's [E + 1] counts (None before any counted forward); the window restarts."""
+        if self.window_load is None:
+            return None
+        taken = self.window_load.clone()
+        self.window_load.zero_()
+        return taken
 
     def _run_experts(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Dispatched rows [N, H] -> expert outputs [N, H] (padded plans: [E_local, N / E_local, H] slots)."""
