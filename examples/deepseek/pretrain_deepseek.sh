@@ -183,22 +183,22 @@ RECOMPUTE_NUM_LAYERS=${HL_RECOMPUTE_NUM_LAYERS:-1}
 # HL_MODEL=<preset>: --model-preset <preset>, plus only the model variables set explicitly.
 MODEL=${HL_MODEL:-}
 # Preset table (must agree with megatron/core/models/deepseek/presets.py; a unit test checks):
-# layers first_k_dense experts topk heads
+# layers first_k_dense experts topk heads mtp_layers
 preset_info() {
     case "$1" in
-        deepseek-v3 | v3-671b) echo "deepseek_v3 61 3 256 8 128" ;;
-        deepseek-v2 | v2-236b) echo "deepseek_v2 60 1 160 6 128" ;;
-        deepseek-v2-lite | v2-lite) echo "deepseek_v2_lite 27 1 64 6 16" ;;
-        tiny) echo "tiny 4 1 8 2 8" ;;
+        deepseek-v3 | v3-671b) echo "deepseek_v3 61 3 256 8 128 1" ;;
+        deepseek-v2 | v2-236b) echo "deepseek_v2 60 1 160 6 128 0" ;;
+        deepseek-v2-lite | v2-lite) echo "deepseek_v2_lite 27 1 64 6 16 0" ;;
+        tiny) echo "tiny 4 1 8 2 8 1" ;;
         *) return 1 ;;
     esac
 }
 if [[ -n "$MODEL" ]]; then
     info=$(preset_info "$MODEL") || die "HL_MODEL must be one of v3-671b, v2-236b, v2-lite, tiny (or deepseek-v3, deepseek-v2, deepseek-v2-lite), got '$MODEL'"
-    read -r MODEL_DIR_NAME P_LAYERS P_FIRST_DENSE P_EXPERTS P_TOPK P_HEADS <<<"$info"
+    read -r MODEL_DIR_NAME P_LAYERS P_FIRST_DENSE P_EXPERTS P_TOPK P_HEADS P_MTP <<<"$info"
 else
     MODEL_DIR_NAME=deepseek_v3
-    P_LAYERS=61 P_FIRST_DENSE=3 P_EXPERTS=256 P_TOPK=8 P_HEADS=128
+    P_LAYERS=61 P_FIRST_DENSE=3 P_EXPERTS=256 P_TOPK=8 P_HEADS=128 P_MTP=0  # no --mtp-num-layers: none
 fi
 NUM_LAYERS=${HL_NUM_LAYERS:-$P_LAYERS}
 MOE_SKIP_FIRST_LAYERS=${HL_MOE_SKIP_FIRST_LAYERS:-$P_FIRST_DENSE}
@@ -282,6 +282,75 @@ USE_FAST_SOFTMAX=${HL_USE_FAST_SOFTMAX:-1}
 USE_FUSED_RMSNORM=${HL_USE_FUSED_RMSNORM:-1}
 TRANSFORMER_IMPL=${HL_TRANSFORMER_IMPL:-transformer_engine}
 
+# ------------------------------------------------------------------ a checkpoint to continue from
+# The folder --load reads: HL_LOAD_DIR, else the checkpoints folder of a named results folder (a
+# derived results folder is new, so it holds nothing yet). When it holds a checkpoint (tracker file
+# -> iter_NNNNNNN/common.json, or an iteration folder itself), the model is the checkpoint's
+# (--use-checkpoint-args): its sizes replace the defaults in the validation below, the settings and
+# the results folder name, and a model variable set here that differs from it is an error.
+if [[ -n "$LOAD_DIR" ]]; then
+    LOAD_SOURCE=$LOAD_DIR
+elif [[ -n "$CHECKPOINTS_DIR" ]]; then
+    LOAD_SOURCE=$CHECKPOINTS_DIR
+elif [[ -n "$OUTPUT_DIR" ]]; then
+    LOAD_SOURCE=$OUTPUT_DIR/checkpoints
+else
+    LOAD_SOURCE=""
+fi
+CKPT_INFO=""
+if [[ -n "$LOAD_SOURCE" && -d "$LOAD_SOURCE" ]]; then
+    if [[ -f "$LOAD_SOURCE/latest_checkpointed_iteration.txt" || -f "$LOAD_SOURCE/common.json" ]]; then
+        CKPT_INFO=$("$PYTHON_BIN" - "$LOAD_SOURCE" 2>&1 <<'EOF'
+import json, os, sys
+root = sys.argv[1]
+tracker = os.path.join(root, "latest_checkpointed_iteration.txt")
+path = root
+if os.path.isfile(tracker):
+    text = open(tracker).read().strip()
+    if not text.isdigit():
+        sys.exit(f"{tracker}: expected an iteration number, found {text[:40]!r}")
+    path = os.path.join(root, f"iter_{int(text):07d}")
+try:
+    with open(os.path.join(path, "common.json")) as f:
+        common = json.load(f)
+except (OSError, ValueError) as e:
+    sys.exit(f"{os.path.join(path, 'common.json')}: unreadable ({e})")
+a = common.get("args") or {}
+values = [a.get("model_preset") or "-", a.get("model.num_layers"), a.get("model.first_k_dense"),
+          a.get("model.moe.num_experts"), a.get("model.moe.topk"), a.get("model.mla.num_heads"),
+          a.get("model.mtp.num_layers"), a.get("model.hidden_size")]
+if any(v is None for v in values):
+    sys.exit(f"{os.path.join(path, 'common.json')}: no model arguments")
+print(common.get("iteration", "?"), *values, path)
+EOF
+        ) || die "HL_LOAD_DIR: cannot read the checkpoint in '$LOAD_SOURCE': $(echo "$CKPT_INFO" | tail -n 1)"
+    fi
+fi
+if [[ -n "$CKPT_INFO" ]]; then
+    read -r CKPT_ITERATION CKPT_PRESET CKPT_LAYERS CKPT_FIRST_DENSE CKPT_EXPERTS CKPT_TOPK CKPT_HEADS CKPT_MTP \
+        CKPT_HIDDEN CKPT_PATH <<<"$CKPT_INFO"
+    for v in NUM_LAYERS:HL_NUM_LAYERS:CKPT_LAYERS MOE_SKIP_FIRST_LAYERS:HL_MOE_SKIP_FIRST_LAYERS:CKPT_FIRST_DENSE \
+        NUM_EXPERTS:HL_NUM_EXPERTS:CKPT_EXPERTS TOPK:HL_MOE_TOPK:CKPT_TOPK NUM_HEADS:HL_NUM_HEADS:CKPT_HEADS \
+        HIDDEN_SIZE:HL_HIDDEN_SIZE:CKPT_HIDDEN; do
+        IFS=: read -r var env_name ckpt_var <<<"$v"
+        if [[ -n "${!env_name:-}" && "${!env_name}" != "${!ckpt_var}" ]]; then
+            die "$env_name=${!env_name}, but the checkpoint in HL_LOAD_DIR ($CKPT_PATH) has ${!ckpt_var}; unset $env_name (the model comes from the checkpoint)"
+        fi
+        printf -v "$var" '%s' "${!ckpt_var}"
+    done
+    MTP_NUM_LAYERS=""  # the checkpoint's depth is used (--use-checkpoint-args)
+    # Named after the checkpoint's preset, else the preset family its experts, top-k and heads match.
+    MODEL_DIR_NAME=checkpoint_model
+    for name in "$CKPT_PRESET" deepseek-v3 deepseek-v2 deepseek-v2-lite tiny; do
+        info=$(preset_info "$name") || continue
+        read -r dir_name _ _ experts topk heads _ <<<"$info"
+        if [[ "$name" == "$CKPT_PRESET" ]] || [[ "$experts $topk $heads" == "$CKPT_EXPERTS $CKPT_TOPK $CKPT_HEADS" ]]; then
+            MODEL_DIR_NAME=$dir_name
+            break
+        fi
+    done
+fi
+
 # ================================================================== validation
 case "$LAUNCHER_TYPE" in mpirun | torchrun) ;; *) die "HL_LAUNCHER_TYPE must be mpirun or torchrun, got '$LAUNCHER_TYPE'" ;; esac
 case "$DEVICE" in auto | hpu | cuda | cpu) ;; *) die "HL_DEVICE must be auto, hpu, cuda or cpu, got '$DEVICE'" ;; esac
@@ -309,7 +378,7 @@ for v in HNIC:HL_HNIC TORCHRUN_MULTINODE:HL_TORCHRUN_MULTINODE USE_LAZY_MODE:HL_
     DETERMINISTIC_MODE:HL_DETERMINISTIC_MODE USE_FUSED_SDPA:HL_USE_FUSED_SDPA \
     USE_FUSED_SDPA_WITH_RECOMPUTE:HL_USE_FUSED_SDPA_WITH_RECOMPUTE USE_FAST_SOFTMAX:HL_USE_FAST_SOFTMAX \
     USE_FUSED_RMSNORM:HL_USE_FUSED_RMSNORM MOCK_DATA:HL_MOCK_DATA DRY_RUN:HL_DRY_RUN CHECK_PATHS:HL_CHECK_PATHS \
-    MOE_TOKEN_DISTRIBUTION_LOGGING:HL_MOE_TOKEN_DISTRIBUTION_LOGGING EXIT_SIGNAL_HANDLER:HL_EXIT_SIGNAL_HANDLER; do
+    EXIT_SIGNAL_HANDLER:HL_EXIT_SIGNAL_HANDLER; do
     var=${v%%:*}
     is_01 "${v#*:}" "${!var}"
 done
@@ -322,6 +391,7 @@ done
 [[ -z "$SEED" ]] || is_int HL_SEED "$SEED" 0
 [[ -z "$MTP_NUM_LAYERS" ]] || is_int HL_MTP_NUM_LAYERS "$MTP_NUM_LAYERS" 0
 [[ -z "$MTP_LOSS_SCALING" ]] || is_num HL_MTP_LOSS_SCALING "$MTP_LOSS_SCALING"
+case "$MOE_TOKEN_DISTRIBUTION_LOGGING" in 0 | 1 | 2) ;; *) die "HL_MOE_TOKEN_DISTRIBUTION_LOGGING must be 0, 1 (TensorBoard) or 2 (TensorBoard and console), got '$MOE_TOKEN_DISTRIBUTION_LOGGING'" ;; esac
 [[ -z "$MOE_TOKEN_DISTRIBUTION_LOGGING_INTERVAL" ]] || is_int HL_MOE_TOKEN_DISTRIBUTION_LOGGING_INTERVAL "$MOE_TOKEN_DISTRIBUTION_LOGGING_INTERVAL" 1
 for v in HL_HIDDEN_SIZE HL_FFN_HIDDEN_SIZE HL_MOE_FFN_HIDDEN_SIZE HL_SHARED_EXPERT_FFN_HIDDEN_SIZE HL_Q_LORA_RANK \
     HL_KV_LORA_RANK HL_QK_HEAD_DIM HL_QK_POS_EMB_HEAD_DIM HL_V_HEAD_DIM HL_VOCAB_SIZE HL_LR_WARMUP_ITERS; do
@@ -551,12 +621,16 @@ ARGS+=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" -
 ((FISRT_PP_STAGE_LAYERS == 0)) || ARGS+=(--decoder-first-pipeline-num-layers "$FISRT_PP_STAGE_LAYERS")
 ((LAST_PP_STAGE_LAYERS == 0)) || ARGS+=(--decoder-last-pipeline-num-layers "$LAST_PP_STAGE_LAYERS")
 ((SEQ_PARALLEL == 0 || TP == 1)) || ARGS+=(--sequence-parallel)
-ARGS+=(--seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN")
+ARGS+=(--seq-length "$SEQ_LEN")
+[[ -n "$CKPT_INFO" ]] || ARGS+=(--max-position-embeddings "$SEQ_LEN")
 
-# Model flags: `model_flag VAR FLAG VALUE` passes FLAG VALUE when HL_MODEL is unset (V3 values) or
-# when the variable is set explicitly (it overrides the preset).
+# Model flags: `model_flag VAR FLAG VALUE` passes FLAG VALUE when the DeepSeek-V3 values are the
+# defaults (no HL_MODEL, no checkpoint to continue from) or when the variable is set explicitly (it
+# overrides the preset; with a checkpoint it must equal the checkpoint's value).
+V3_DEFAULTS=0
+[[ -n "$MODEL" || -n "$CKPT_INFO" ]] || V3_DEFAULTS=1
 model_flag() {
-    if [[ -z "$MODEL" || -n "${!1:-}" ]]; then ARGS+=("$2" "$3"); fi
+    if ((V3_DEFAULTS == 1)) || [[ -n "${!1:-}" ]]; then ARGS+=("$2" "$3"); fi
 }
 model_flag HL_NUM_LAYERS --num-layers "$NUM_LAYERS"
 model_flag HL_HIDDEN_SIZE --hidden-size "$HIDDEN_SIZE"
@@ -566,28 +640,33 @@ model_flag HL_NUM_EXPERTS --num-experts "$NUM_EXPERTS"
 model_flag HL_MOE_TOPK --moe-router-topk "$TOPK"
 model_flag HL_MOE_FFN_HIDDEN_SIZE --moe-ffn-hidden-size "$EXPERT_FFN_HIDDEN_SIZE"
 model_flag HL_SHARED_EXPERT_FFN_HIDDEN_SIZE --moe-shared-expert-intermediate-size "$SHARED_EXPERT_FFN_HIDDEN_SIZE"
-if [[ -z "$MODEL" || -n "${HL_Q_LORA_RANK:-}" ]] && [[ "$Q_LORA_RANK" != 0 ]]; then
+if { ((V3_DEFAULTS == 1)) || [[ -n "${HL_Q_LORA_RANK:-}" ]]; } && [[ "$Q_LORA_RANK" != 0 ]]; then
     ARGS+=(--q-lora-rank "$Q_LORA_RANK")  # HL_Q_LORA_RANK=0: plain q projection (V2-Lite style)
 fi
 model_flag HL_KV_LORA_RANK --kv-lora-rank "$KV_LORA_RANK"
 model_flag HL_QK_HEAD_DIM --qk-head-dim "$QK_HEAD_DIM"
 model_flag HL_QK_POS_EMB_HEAD_DIM --qk-pos-emb-head-dim "$QK_POS_EMB_HEAD_DIM"
 model_flag HL_V_HEAD_DIM --v-head-dim "$V_HEAD_DIM"
-if [[ -z "$MODEL" || -n "${HL_MOE_SKIP_FIRST_LAYERS:-}" || -n "${HL_NUM_LAYERS:-}" ]]; then
+if ((V3_DEFAULTS == 1)) || [[ -n "${HL_MOE_SKIP_FIRST_LAYERS:-}" || -n "${HL_NUM_LAYERS:-}" ]]; then
     ARGS+=(--moe-layer-freq "([0]*$MOE_SKIP_FIRST_LAYERS+[1]*$((NUM_LAYERS - MOE_SKIP_FIRST_LAYERS)))")
 fi
-if [[ -z "$MODEL" ]]; then
+if ((V3_DEFAULTS == 1)); then
     # DeepSeek-V3 router, MLA and architecture (the original script's fixed values).
     ARGS+=(--multi-latent-attention --qk-layernorm --position-embedding-type rope --rotary-base 10000
         --normalization RMSNorm --swiglu --untie-embeddings-and-output-weights --disable-bias-linear
         --moe-router-load-balancing-type seq_aux_loss --moe-router-score-function sigmoid
         --moe-router-topk-scaling-factor 2.5 --moe-router-num-groups 8 --moe-router-group-topk 4
         --moe-router-enable-expert-bias --moe-router-bias-update-rate 0.001)
+elif [[ -z "$MODEL" ]]; then
+    # A checkpoint's model without a preset: the V3 training choices (its shape is the checkpoint's).
+    ARGS+=(--moe-router-load-balancing-type seq_aux_loss --moe-router-bias-update-rate 0.001)
 fi
 if [[ -z "$MODEL" || -n "${HL_AUX_LOSS_COEFF:-}" ]]; then ARGS+=(--moe-aux-loss-coeff "$AUX_LOSS_COEFF"); fi
 [[ -z "$MTP_NUM_LAYERS" ]] || ARGS+=(--mtp-num-layers "$MTP_NUM_LAYERS")
 [[ -z "$MTP_LOSS_SCALING" ]] || ARGS+=(--mtp-loss-scaling-factor "$MTP_LOSS_SCALING")
-ARGS+=(--attention-dropout "$DROPOUT" --hidden-dropout "$DROPOUT" --init-method-std "$INIT_STD")
+ARGS+=(--attention-dropout "$DROPOUT" --hidden-dropout "$DROPOUT")
+# A preset's own initialisation (its config's initializer_range) unless HL_INIT_STD says otherwise.
+if ((V3_DEFAULTS == 1)) || [[ -n "${HL_INIT_STD:-}" ]]; then ARGS+=(--init-method-std "$INIT_STD"); fi
 
 ARGS+=(--moe-token-dispatcher-type "$TOKEN_DISPATCHER_TYPE")
 ((MOE_GROUPED_GEMM == 0)) || ARGS+=(--moe-grouped-gemm)
@@ -597,8 +676,9 @@ fi
 if [[ "$TOKEN_DROP" == 1 ]]; then
     ARGS+=(--moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity --moe-token-drop-policy probs)
 fi
-if ((MOE_TOKEN_DISTRIBUTION_LOGGING == 1)); then
+if ((MOE_TOKEN_DISTRIBUTION_LOGGING > 0)); then
     ARGS+=(--moe-token-distribution-logging)
+    ((MOE_TOKEN_DISTRIBUTION_LOGGING == 1)) || ARGS+=(--moe-token-distribution-logging-to-console)
     [[ -z "$MOE_TOKEN_DISTRIBUTION_LOGGING_INTERVAL" ]] ||
         ARGS+=(--moe-token-distribution-logging-interval "$MOE_TOKEN_DISTRIBUTION_LOGGING_INTERVAL")
 fi
@@ -650,8 +730,12 @@ fi
 [[ -z "$DATA_CACHE_DIR" ]] || ARGS+=(--data-cache-path "$DATA_CACHE_DIR")
 ARGS+=(--num-workers "$NUM_WORKERS" "${TOKENIZER_ARGS[@]}")
 
-# Checkpoints.
-ARGS+=(--load "$LOAD_DIR" --use-checkpoint-args)
+# Checkpoints: --use-checkpoint-args only when there is a checkpoint to take the model from.
+if [[ -n "$CKPT_INFO" ]]; then
+    ARGS+=(--load "$LOAD_DIR" --use-checkpoint-args)
+elif [[ -n "${HL_LOAD_DIR:-}" ]] || ((CHECKPOINT_SAVE == 1)); then
+    ARGS+=(--load "$LOAD_DIR")  # a restart finds this run's own checkpoints here
+fi
 if ((CHECKPOINT_SAVE == 1)); then
     ARGS+=(--save "$CHECKPOINTS_DIR" --save-interval "$SAVE_INTERVAL" --ckpt-format "$CKPT_FORMAT")
     ((VERIFY_CKPT == 0)) || ARGS+=(--verify-checkpoint --verify-checkpoint-model-type DEEPSEEK)
@@ -675,7 +759,13 @@ print_settings() {
     [[ "$DEVICE" != auto ]] || device="auto (each rank picks hpu, else cuda, else cpu)"
     echo "launcher=$LAUNCHER_TYPE nodes=$NUM_NODES devices_per_node=$DEVICES_PER_NODE world_size=$NUM_DEVICES device=$device${BACKEND:+ backend=$BACKEND}"
     echo "layout: DP=$DP TP=$TP PP=$PP EP=$EP seq_parallel=$SEQ_PARALLEL micro_batch=$MICRO_BATCH_SIZE global_batch=$GLOBAL_BATCH_SIZE seq_len=$SEQ_LEN"
-    echo "model: ${MODEL:-deepseek-v3 (explicit flags)} layers=$NUM_LAYERS dense_first=$MOE_SKIP_FIRST_LAYERS experts=$NUM_EXPERTS topk=$TOPK heads=$NUM_HEADS mtp=${MTP_NUM_LAYERS:-preset}"
+    if [[ -n "$CKPT_INFO" ]]; then
+        local preset=""
+        [[ "$CKPT_PRESET" == - ]] || preset=" preset=$CKPT_PRESET"
+        echo "model: from the checkpoint in $CKPT_PATH (iteration $CKPT_ITERATION, --use-checkpoint-args)$preset layers=$NUM_LAYERS dense_first=$MOE_SKIP_FIRST_LAYERS experts=$NUM_EXPERTS topk=$TOPK heads=$NUM_HEADS hidden=$CKPT_HIDDEN mtp=$CKPT_MTP"
+    else
+        echo "model: ${MODEL:-deepseek-v3 (explicit flags)} layers=$NUM_LAYERS dense_first=$MOE_SKIP_FIRST_LAYERS experts=$NUM_EXPERTS topk=$TOPK heads=$NUM_HEADS mtp=${MTP_NUM_LAYERS:-$P_MTP}"
+    fi
     echo "moe: dispatcher=$TOKEN_DISPATCHER_TYPE token_drop=$TOKEN_DROP grouped_gemm=$MOE_GROUPED_GEMM"
     echo "master: $MASTER_ADDR:$MASTER_PORT${HOSTSFILE:+ hostsfile=$HOSTSFILE}${GENERATED_HOSTSFILE:+ (generated from $DEFAULT_HOSTSFILE)}"
     [[ "$LAUNCHER_TYPE" == mpirun ]] || echo "env for ranks (exported): ${RANK_ENV[*]:-(none)}"
@@ -685,6 +775,17 @@ print_settings() {
     echo "per-rank logs: $LOG_DIR"
     ((EXIT_SIGNAL_HANDLER == 0)) || echo "on SIGTERM / Ctrl-C: the ranks save, then exit (grace ${GRACE_S} s)"
     ((REDIRECT_LOGS == 0)) || echo "log: $LOG_FILE"
+}
+
+# The exact command (shell-quoted; torchrun's variables as an `env` prefix).
+print_command() {
+    echo "# command"
+    if [[ "$LAUNCHER_TYPE" == torchrun ]] && ((${#TOOL_ENV[@]} + ${#RANK_ENV[@]} > 0)); then
+        printf 'env '
+        printf '%q ' ${TOOL_ENV[@]+"${TOOL_ENV[@]}"} ${RANK_ENV[@]+"${RANK_ENV[@]}"}
+    fi
+    printf '%q ' "${CMD[@]}"
+    echo
 }
 
 # Optional check of the whole command line by the training code's own validation
@@ -717,13 +818,7 @@ fi
 
 if ((DRY_RUN == 1)); then
     print_settings
-    echo "# command"
-    if [[ "$LAUNCHER_TYPE" == torchrun ]] && ((${#TOOL_ENV[@]} + ${#RANK_ENV[@]} > 0)); then
-        printf 'env '
-        printf '%q ' ${TOOL_ENV[@]+"${TOOL_ENV[@]}"} ${RANK_ENV[@]+"${RANK_ENV[@]}"}
-    fi
-    printf '%q ' "${CMD[@]}"
-    echo
+    print_command
     exit 0
 fi
 
@@ -740,6 +835,7 @@ if ((REDIRECT_LOGS == 1)); then
     TEE_PID=$!
 fi
 print_settings
+print_command
 if [[ "$LAUNCHER_TYPE" == torchrun ]]; then
     for kv in ${TOOL_ENV[@]+"${TOOL_ENV[@]}"} ${RANK_ENV[@]+"${RANK_ENV[@]}"}; do export "${kv?}"; done
 fi

@@ -319,11 +319,13 @@ def test_preset_table_matches_presets_module():
 
     text = SCRIPT.read_text()
     for name, cfg in PRESETS.items():
-        m = re.search(rf"^\s*{re.escape(name)} ?(\|[^)]*)?\) echo \"(\S+) (\d+) (\d+) (\d+) (\d+) (\d+)\"", text, re.M)
+        m = re.search(rf"^\s*{re.escape(name)} ?(\|[^)]*)?\) echo \"(\S+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)\"",
+                      text, re.M)
         assert m, name
-        layers, dense, experts, topk, heads = map(int, m.groups()[2:])
-        assert (layers, dense, experts, topk, heads) == (
-            cfg.num_layers, cfg.first_k_dense, cfg.moe.num_experts, cfg.moe.topk, cfg.mla.num_heads), name
+        layers, dense, experts, topk, heads, mtp = map(int, m.groups()[2:])
+        assert (layers, dense, experts, topk, heads, mtp) == (
+            cfg.num_layers, cfg.first_k_dense, cfg.moe.num_experts, cfg.moe.topk, cfg.mla.num_heads,
+            cfg.mtp.num_layers), name
 
 
 def test_mtp_flags(launch):
