@@ -339,16 +339,20 @@ if [[ -n "$CKPT_INFO" ]]; then
         printf -v "$var" '%s' "${!ckpt_var}"
     done
     MTP_NUM_LAYERS=""  # the checkpoint's depth is used (--use-checkpoint-args)
-    # Named after the checkpoint's preset, else the preset family its experts, top-k and heads match.
+    # The preset passed along (its training choices; the shape is the checkpoint's): HL_MODEL, else
+    # the checkpoint's, else the family its experts, top-k and heads match, else deepseek-v3. The
+    # results folder is named after it (checkpoint_model when nothing matched).
     MODEL_DIR_NAME=checkpoint_model
-    for name in "$CKPT_PRESET" deepseek-v3 deepseek-v2 deepseek-v2-lite tiny; do
+    for name in $MODEL "$CKPT_PRESET" deepseek-v3 deepseek-v2 deepseek-v2-lite tiny; do
         info=$(preset_info "$name") || continue
         read -r dir_name _ _ experts topk heads _ <<<"$info"
-        if [[ "$name" == "$CKPT_PRESET" ]] || [[ "$experts $topk $heads" == "$CKPT_EXPERTS $CKPT_TOPK $CKPT_HEADS" ]]; then
-            MODEL_DIR_NAME=$dir_name
+        if [[ "$name" == "$MODEL" || "$name" == "$CKPT_PRESET" ]] ||
+            [[ "$experts $topk $heads" == "$CKPT_EXPERTS $CKPT_TOPK $CKPT_HEADS" ]]; then
+            MODEL=$name MODEL_DIR_NAME=$dir_name
             break
         fi
     done
+    MODEL=${MODEL:-deepseek-v3}
 fi
 
 # ================================================================== validation
@@ -632,6 +636,16 @@ V3_DEFAULTS=0
 model_flag() {
     if ((V3_DEFAULTS == 1)) || [[ -n "${!1:-}" ]]; then ARGS+=("$2" "$3"); fi
 }
+# With a checkpoint, its main sizes (the parser checks the layout with them; equal to the
+# checkpoint's, --use-checkpoint-args takes them silently and the rest of the shape from it).
+if [[ -n "$CKPT_INFO" ]]; then
+    ARGS+=(--num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN_SIZE" --num-attention-heads "$NUM_HEADS"
+        --num-experts "$NUM_EXPERTS" --moe-router-topk "$TOPK"
+        --moe-layer-freq "([0]*$MOE_SKIP_FIRST_LAYERS+[1]*$((NUM_LAYERS - MOE_SKIP_FIRST_LAYERS)))")
+    for v in HL_NUM_LAYERS HL_HIDDEN_SIZE HL_NUM_HEADS HL_NUM_EXPERTS HL_MOE_TOPK HL_MOE_SKIP_FIRST_LAYERS; do
+        unset "$v"  # passed above
+    done
+fi
 model_flag HL_NUM_LAYERS --num-layers "$NUM_LAYERS"
 model_flag HL_HIDDEN_SIZE --hidden-size "$HIDDEN_SIZE"
 model_flag HL_FFN_HIDDEN_SIZE --ffn-hidden-size "$FFN_HIDDEN_SIZE"
@@ -657,9 +671,6 @@ if ((V3_DEFAULTS == 1)); then
         --moe-router-load-balancing-type seq_aux_loss --moe-router-score-function sigmoid
         --moe-router-topk-scaling-factor 2.5 --moe-router-num-groups 8 --moe-router-group-topk 4
         --moe-router-enable-expert-bias --moe-router-bias-update-rate 0.001)
-elif [[ -z "$MODEL" ]]; then
-    # A checkpoint's model without a preset: the V3 training choices (its shape is the checkpoint's).
-    ARGS+=(--moe-router-load-balancing-type seq_aux_loss --moe-router-bias-update-rate 0.001)
 fi
 if [[ -z "$MODEL" || -n "${HL_AUX_LOSS_COEFF:-}" ]]; then ARGS+=(--moe-aux-loss-coeff "$AUX_LOSS_COEFF"); fi
 [[ -z "$MTP_NUM_LAYERS" ]] || ARGS+=(--mtp-num-layers "$MTP_NUM_LAYERS")
@@ -760,9 +771,7 @@ print_settings() {
     echo "launcher=$LAUNCHER_TYPE nodes=$NUM_NODES devices_per_node=$DEVICES_PER_NODE world_size=$NUM_DEVICES device=$device${BACKEND:+ backend=$BACKEND}"
     echo "layout: DP=$DP TP=$TP PP=$PP EP=$EP seq_parallel=$SEQ_PARALLEL micro_batch=$MICRO_BATCH_SIZE global_batch=$GLOBAL_BATCH_SIZE seq_len=$SEQ_LEN"
     if [[ -n "$CKPT_INFO" ]]; then
-        local preset=""
-        [[ "$CKPT_PRESET" == - ]] || preset=" preset=$CKPT_PRESET"
-        echo "model: from the checkpoint in $CKPT_PATH (iteration $CKPT_ITERATION, --use-checkpoint-args)$preset layers=$NUM_LAYERS dense_first=$MOE_SKIP_FIRST_LAYERS experts=$NUM_EXPERTS topk=$TOPK heads=$NUM_HEADS hidden=$CKPT_HIDDEN mtp=$CKPT_MTP"
+        echo "model: from the checkpoint in $CKPT_PATH (iteration $CKPT_ITERATION, --use-checkpoint-args) preset=$MODEL layers=$NUM_LAYERS dense_first=$MOE_SKIP_FIRST_LAYERS experts=$NUM_EXPERTS topk=$TOPK heads=$NUM_HEADS hidden=$CKPT_HIDDEN mtp=$CKPT_MTP"
     else
         echo "model: ${MODEL:-deepseek-v3 (explicit flags)} layers=$NUM_LAYERS dense_first=$MOE_SKIP_FIRST_LAYERS experts=$NUM_EXPERTS topk=$TOPK heads=$NUM_HEADS mtp=${MTP_NUM_LAYERS:-$P_MTP}"
     fi
