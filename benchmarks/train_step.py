@@ -3,16 +3,21 @@
 
     python benchmarks/train_step.py                      # fp32 CPU, the 37M-parameter proxy
     python benchmarks/train_step.py --iters 10 --profile --json out.json
+    python benchmarks/train_step.py --no-compile         # eager only
+
+Four variants run in one process on the same weights and batch: HF eager, ours eager, HF compiled
+(`torch.compile(model)` with the device's backend) and ours compiled (`compile_model`: one region
+per decoder layer / MTP depth / loss head). Compiled variants compile during warmup.
 
 One process builds a random HF DeepseekV3ForCausalLM from the flags' config, saves it, and loads
 it back twice: with transformers and through our converter (load_hf_checkpoint), so both run the
-SAME weights. After warmup, timed forward+backward steps alternate HF / ours (so drifts in machine
-load hit both alike); each step is loss -> backward -> grads set to None (no optimizer: the
+SAME weights. After warmup, timed forward+backward steps alternate between the variants (so drifts
+in machine load hit all alike); each step is loss -> backward -> grads set to None (no optimizer: the
 comparison is the model). The losses of the first step are printed to show the work is the same.
 
-Peak memory: each model runs in its own subprocess. On CPU, the kernel's peak-RSS counter
+Peak memory: each variant runs in its own subprocess (compiled ones compile there first). On CPU, the kernel's peak-RSS counter
 (VmHWM) is reset through /proc/self/clear_refs after loading, then 2 steps run; the figure is
-VmHWM minus the RSS before the first step, i.e. activations + gradients + temporaries of a step
+VmHWM minus the RSS before the first step (for compiled variants: after one compiling step), i.e. activations + gradients + temporaries of a step
 (PyTorch's CPU allocator returns large blocks to the OS, so RSS follows tensors). On CUDA/HPU the
 device allocator's max_allocated (after a reset) minus allocated before the step.
 
@@ -50,6 +55,9 @@ from megatron.core.config import DeepSeekConfig, MLAConfig, MoEConfig, RopeConfi
 from megatron.training.flops import flops_per_token  # noqa: E402  (one FLOP count for logs and benchmarks)
 
 
+VARIANTS = ("hf", "ours", "hf_compiled", "ours_compiled")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "hpu"))
@@ -78,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--v-dim", type=int, default=64)
     p.add_argument("--hf-attn", default="sdpa", help="HF attn_implementation (ours uses torch SDPA on CPU/CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-model memory subprocesses")
+    p.add_argument("--no-compile", action="store_true", help="eager variants only")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of one step of each model")
     p.add_argument("--json", help="write the figures to this file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--_memory_child", choices=("hf", "ours"), help=argparse.SUPPRESS)
+    p.add_argument("--_memory_child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--_dir", help=argparse.SUPPRESS)
     return p
 
@@ -117,11 +126,20 @@ def load_models(which: List[str], path: str, dtype: torch.dtype, device: torch.d
 
     from megatron.core.models.deepseek.hf_conversion import load_hf_checkpoint
 
+    from megatron.core.device import get_device
+    from megatron.core.models.deepseek import compile_model
+
     models = {}
-    if "hf" in which:
-        models["hf"] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device).train()
-    if "ours" in which:
-        models["ours"] = load_hf_checkpoint(path, dtype, device)[0].train()
+    for kind in which:
+        if kind.startswith("hf"):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device).train()
+            if kind.endswith("_compiled"):
+                model = torch.compile(model, backend=get_device(device.type).compile_backend())
+        else:
+            model = load_hf_checkpoint(path, dtype, device)[0].train()
+            if kind.endswith("_compiled"):
+                model = compile_model(model)
+        models[kind] = model
     return models
 
 
@@ -130,7 +148,7 @@ def make_step(kind: str, model: torch.nn.Module, inputs: torch.Tensor, labels: t
     mask = torch.ones_like(labels, dtype=torch.float32)
 
     def step() -> float:
-        if kind == "hf":
+        if kind.startswith("hf"):
             loss = model(inputs, labels=inputs, shift_labels=labels).loss
         else:
             loss = model.loss(model(inputs, labels=labels), mask)
@@ -165,6 +183,8 @@ def memory_child(a: argparse.Namespace, device: torch.device, dtype: torch.dtype
     model = load_models([a._memory_child], a._dir, dtype, device, a.hf_attn)[a._memory_child]
     inputs, labels = make_batch(a, model.config.vocab_size, device)
     step = make_step(a._memory_child, model, inputs, labels)
+    if a._memory_child.endswith("_compiled"):
+        step()  # compile outside the measured window (the compiler's own memory is not a step's)
     gc.collect()
     if device.type == "cpu":
         with open("/proc/self/clear_refs", "w") as f:
@@ -226,6 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from megatron.core.models.deepseek.hf_config import config_to_hf_dict
 
+    load_start = os.getloadavg()[0]
     config = build_config(a)
     tmp = tempfile.TemporaryDirectory(prefix="train_step_bench_")
     torch.manual_seed(a.seed)
@@ -234,19 +255,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     params = sum(p.numel() for p in init.parameters())
     init.save_pretrained(tmp.name)
     del init
-    models = load_models(["hf", "ours"], tmp.name, dtype, device, a.hf_attn)
+    variants = ["hf", "ours"] if a.no_compile else list(VARIANTS)
+    models = load_models(variants, tmp.name, dtype, device, a.hf_attn)
     inputs, labels = make_batch(a, config.vocab_size, device)
     steps = {k: make_step(k, m, inputs, labels) for k, m in models.items()}
 
     peak_before = matmul_peak(device, dtype, dev.synchronize)
-    first = {k: float(s()) for k, s in steps.items()}  # first warmup step, also the same-work check
+    first, compile_s = {}, {}
+    for k, s in steps.items():  # first warmup step (compiles), also the same-work check
+        t = time.perf_counter()
+        first[k] = float(s())
+        compile_s[k] = time.perf_counter() - t
     for _ in range(a.warmup - 1):
         for s in steps.values():
             s()
-    times: Dict[str, List[float]] = {"hf": [], "ours": []}
-    cpu_times: Dict[str, List[float]] = {"hf": [], "ours": []}
+    times: Dict[str, List[float]] = {k: [] for k in variants}
+    cpu_times: Dict[str, List[float]] = {k: [] for k in variants}
     for _ in range(a.iters):
-        for kind in ("hf", "ours"):
+        for kind in variants:
             dev.synchronize()
             t, c = time.perf_counter(), time.process_time()
             steps[kind]()
@@ -260,37 +286,49 @@ def main(argv: Optional[List[str]] = None) -> int:
     res: Dict = {
         "device": a.device, "dtype": a.dtype, "threads": threads, "batch": a.batch, "seq": a.seq, "iters": a.iters,
         "params": params, "train_flops_per_token": flops["train"], "flops_parts_fwd": flops,
-        "matmul_peak_flops": peak, "first_loss": first,
+        "matmul_peak_flops": peak, "first_loss": first, "first_step_s": compile_s, "load_avg_start": load_start,
     }
-    for kind in ("hf", "ours"):
+    for kind in variants:
         med = statistics.median(times[kind])
         res[kind] = {"median_s": med, "min_s": min(times[kind]), "tokens_per_s": tokens / med,
                      "best_tokens_per_s": tokens / min(times[kind]), "median_cpu_s": statistics.median(cpu_times[kind]),
                      "achieved_flops": flops["train"] * tokens / med, "fraction_of_peak": flops["train"] * tokens / med / peak}
     res["speedup_ours_over_hf"] = res["ours"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
     res["speedup_best_of"] = res["hf"]["min_s"] / res["ours"]["min_s"]
+    if not a.no_compile:
+        res["speedup_ours_compiled_over_hf"] = res["ours_compiled"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
+        res["speedup_ours_compiled_over_hf_compiled"] = (
+            res["ours_compiled"]["tokens_per_s"] / res["hf_compiled"]["tokens_per_s"])
+        res["speedup_hf_compiled_over_hf"] = res["hf_compiled"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
     res["cpu_pressure"] = _cpu_pressure()
+    res["load_avg_end"] = os.getloadavg()[0]
     del models, steps
     if not a.no_memory:
-        for kind in ("hf", "ours"):
+        for kind in variants:
             res[kind]["memory"] = measure_memory(a, kind, tmp.name)
 
     print(f"config: {params / 1e6:.1f}M params, hidden {a.hidden}, {a.layers} layers (first {a.first_dense} dense), "
           f"{a.experts} experts top-{a.topk}, batch {a.batch} x {a.seq}, {a.dtype} on {a.device}, {threads} threads")
-    print(f"first-step loss  hf {first['hf']:.6f}  ours {first['ours']:.6f}")
+    print("first-step loss  " + "  ".join(f"{k} {v:.6f}" for k, v in first.items()))
+    print("first step (incl. compile) s  " + "  ".join(f"{k} {v:.1f}" for k, v in compile_s.items()))
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; train FLOPs/token {flops['train'] / 1e6:.1f} M")
-    for kind in ("hf", "ours"):
+    for kind in variants:
         r = res[kind]
         mem = r.get("memory")
         mem_s = f", step peak memory {mem['step_peak'] / 2**20:.0f} MiB" if mem else ""
-        print(f"{kind:5s} {r['tokens_per_s']:8.0f} tokens/s (median {r['median_s'] * 1e3:.0f} ms/step, best "
+        print(f"{kind:13s} {r['tokens_per_s']:8.0f} tokens/s (median {r['median_s'] * 1e3:.0f} ms/step, best "
               f"{r['min_s'] * 1e3:.0f}, CPU {r['median_cpu_s'] * 1e3:.0f} ms), {r['achieved_flops'] / 1e9:.1f} GFLOP/s = "
               f"{100 * r['fraction_of_peak']:.0f}% of peak{mem_s}")
     print(f"ours / hf tokens/s: {res['speedup_ours_over_hf']:.2f}x (median), {res['speedup_best_of']:.2f}x (best step)")
+    if not a.no_compile:
+        print(f"ours compiled / hf eager {res['speedup_ours_compiled_over_hf']:.2f}x, "
+              f"ours compiled / hf compiled {res['speedup_ours_compiled_over_hf_compiled']:.2f}x, "
+              f"hf compiled / hf eager {res['speedup_hf_compiled_over_hf']:.2f}x (medians)")
+    print(f"load average {load_start:.2f} at start, {res['load_avg_end']:.2f} at end")
     if res["cpu_pressure"] is not None and res["cpu_pressure"] > 5.0:
         print(f"WARNING: CPU pressure {res['cpu_pressure']:.0f}% (other processes compete for cores): timings are unreliable")
     if a.profile:
-        models = load_models(["hf", "ours"], tmp.name, dtype, device, a.hf_attn)
+        models = load_models(variants, tmp.name, dtype, device, a.hf_attn)
         for kind, model in models.items():
             step = make_step(kind, model, inputs, labels)
             step()

@@ -12,7 +12,6 @@ synchronisation, memory statistics, lazy-mode ``mark_step()`` and the optional f
 
 from __future__ import annotations
 
-import functools
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -316,7 +315,10 @@ def device_of(tensor: torch.Tensor) -> Device:
     return _device_for_kind(kind if kind in ("hpu", "cuda") else "cpu")
 
 
-@functools.lru_cache(maxsize=None)
+# One Device per kind, memoising only which optional kernels import; it carries no configuration.
+# A plain dict built at import (not a cache decorator) so torch.compile sees a constant object.
+_DEVICE_BY_KIND: Dict[str, Device] = {kind: Device(kind=kind) for kind in ("hpu", "cuda", "cpu")}
+
+
 def _device_for_kind(kind: str) -> Device:
-    # One Device per kind, memoising only which optional kernels import; it carries no configuration.
-    return Device(kind=kind)
+    return _DEVICE_BY_KIND[kind]
