@@ -182,7 +182,8 @@ def main_comm(names: Sequence[str] = ()) -> int:
             for kind, op, planned, counted in compare_comm(name, work):
                 same = planned == counted
                 ok &= same
-                print(f"| {name} | {kind} | {op} | {planned:,.0f} | {counted:,.0f} | {'yes' if same else 'NO'} |", flush=True)
+                equal = "yes" if same else "NO"
+                print(f"| {name} | {kind} | {op} | {planned:,.0f} | {counted:,.0f} | {equal} |", flush=True)
     return 0 if ok else 1
 
 

@@ -9,12 +9,14 @@ of the micro-batch, Tl = T / tp under sequence parallelism (else T), p = paramet
   value pND; its output pND is kept by the next matmul.
 - MLA: the block input (all-gathered to the full sequence under SP) pTH; the q / kv latent norms;
   per head q, k, v and the attention output (torch SDPA flash kernels keep q, k, v, out and an
-  fp32 logsumexp, never the s x s scores); the o_proj input.
+  fp32 logsumexp, never the s x s scores; the output is q/k wide where v is passed as a wide view
+  of the kv projection, v wide on CUDA's cuDNN path); the o_proj input.
 - Dense SwiGLU (F / tp wide): the gate/up GEMM output, silu output and product, 4pTF.
 - MoE on Tm = Tl tokens: router scores (fp32) and routing indices; the rows given to the experts
-  (N x H: T k for the all-to-all dispatcher, W T min(k, E/EP) for the all-gather one, which
-  computes its static gathered buffer), their gate/up, silu and product (N x 4I); the combine's
-  fp32 copy of the expert outputs per assignment (4 Tm k H, x W for all-gather); shared experts.
+  (N x H: T k for the all-to-all dispatcher, a static W T min(k, E/EP) for the all-gather one);
+  per computed row the gate/up output, silu output and product (4I; the tiled fallback keeps
+  only the gate/up output of its tiles), see `expert_rows`; the combine's fp32 copy of the expert
+  outputs per assignment (4 Tm k H, x W for all-gather); shared experts.
 - Last stage: final norm, output-head input, and the fp32 softmax of the cross entropy (4 T V/tp)
   for the main head and each MTP depth (whose embedding, norms, eh_proj and layer add up too).
 - Recompute: selective core_attn drops the attention output and logsumexp; selective moe keeps

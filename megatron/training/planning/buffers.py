@@ -100,7 +100,9 @@ class OptimizerSlots:
         return self.decay + self.no_decay
 
 
-def optimizer_slots(plans: Sequence[BufferPlan], distributed_optimizer: bool, dp_rank: int = 0, edp_rank: int = 0) -> OptimizerSlots:
+def optimizer_slots(
+    plans: Sequence[BufferPlan], distributed_optimizer: bool, dp_rank: int = 0, edp_rank: int = 0
+) -> OptimizerSlots:
     """Elements the optimizer of one rank updates (MegatronOptimizer / DistributedOptimizer._pieces)."""
     decay = no_decay = largest = 0
     for plan in plans:

@@ -152,7 +152,7 @@ def _any_valid(argv: List[str], world: int) -> List[str]:
             skip = "=" not in a
             continue
         clean.append(a)
-    return clean + ["--global-batch-size", str(world * 64)]
+    return clean  # the global batch defaults to micro-batch x DP
 
 
 def _print_search(results, args, world: int, out: TextIO) -> None:

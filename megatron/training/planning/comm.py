@@ -158,8 +158,10 @@ def stage_comm(
     moe_recompute = lay.recompute_granularity == "selective" and "moe" in lay.recompute_modules
     mtp = c.mtp.num_layers if last else 0
     # (layer, recomputed by full recompute, last layer of its checkpointed chunk)
-    all_layers = [(i, offset < checkpointed, offset < checkpointed and (offset + 1) % chunk == 0 or offset + 1 == checkpointed)
-                  for offset, i in enumerate(layers)]
+    all_layers = [
+        (i, offset < checkpointed, offset < checkpointed and ((offset + 1) % chunk == 0 or offset + 1 == checkpointed))
+        for offset, i in enumerate(layers)
+    ]
     all_layers += [(c.num_layers + d, False, False) for d in range(mtp)]
     # The shared experts run after the combine unless overlapped with the dispatch: their saved
     # tensors then come after the combine's collectives.

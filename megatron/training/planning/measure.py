@@ -162,34 +162,42 @@ def _torchrun(world: int, tail: List[str]) -> List[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(_free_port())] + tail
 
 
-def measure_peak_rss(world: int, train_argv: Sequence[str], timeout: float = 900) -> List[int]:
+def measure_peak_rss(world: int, train_argv: Sequence[str], timeout: float = 900, attempts: int = 3) -> List[int]:
     """Peak resident bytes of each rank of `torchrun pretrain_gpt.py <train_argv>` (rank order).
 
     glibc's mmap threshold is pinned (see the module docstring) and each rank uses one thread.
+    A failed run is started again, up to `attempts` runs (on a heavily loaded machine a rank
+    occasionally aborts while its threads shut down, after training finished).
     """
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    cmd = _torchrun(world, ["--no-python", sys.executable, "-m", "megatron.training.planning.measure", "rss", "--",
-                            sys.executable, os.path.join(REPO_ROOT, "pretrain_gpt.py"), *train_argv])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
-    peaks: Dict[int, int] = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("PLAN_MEASURE rss"):
-            fields = dict(item.split("=", 1) for item in line.split()[2:])
-            if fields["returncode"] != "0":
-                break
-            peaks[int(fields["rank"])] = int(fields["max_rss_bytes"])
-    if proc.returncode != 0 or len(peaks) != world:
-        raise RuntimeError(f"measurement run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return [peaks[r] for r in range(world)]
+    for attempt in range(attempts):
+        cmd = _torchrun(world, ["--no-python", sys.executable, "-m", "megatron.training.planning.measure", "rss",
+                                "--", sys.executable, os.path.join(REPO_ROOT, "pretrain_gpt.py"), *train_argv])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+        peaks: Dict[int, int] = {}
+        for line in proc.stdout.splitlines():
+            if line.startswith("PLAN_MEASURE rss"):
+                fields = dict(item.split("=", 1) for item in line.split()[2:])
+                if fields["returncode"] == "0":
+                    peaks[int(fields["rank"])] = int(fields["max_rss_bytes"])
+        if proc.returncode == 0 and len(peaks) == world:
+            return [peaks[r] for r in range(world)]
+    raise RuntimeError(f"measurement run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def count_comm(world: int, train_argv: Sequence[str], out_dir: str, timeout: float = 600) -> List[Dict[str, Any]]:
-    """Per-rank {"bytes", "calls"} of `torchrun pretrain_gpt.py <train_argv>` (whole run)."""
+def count_comm(
+    world: int, train_argv: Sequence[str], out_dir: str, timeout: float = 600, attempts: int = 3
+) -> List[Dict[str, Any]]:
+    """Per-rank {"bytes", "calls"} of `torchrun pretrain_gpt.py <train_argv>` (whole run; a failed
+    run is started again, up to `attempts` runs, as in `measure_peak_rss`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    cmd = _torchrun(world, ["-m", "megatron.training.planning.measure", "comm", "--out", out_dir, "--",
-                            os.path.join(REPO_ROOT, "pretrain_gpt.py"), *train_argv])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
-    if proc.returncode != 0:
+    for attempt in range(attempts):
+        cmd = _torchrun(world, ["-m", "megatron.training.planning.measure", "comm", "--out", out_dir, "--",
+                                os.path.join(REPO_ROOT, "pretrain_gpt.py"), *train_argv])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+        if proc.returncode == 0:
+            break
+    else:
         raise RuntimeError(f"counting run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     out = []
     for rank in range(world):

@@ -87,7 +87,10 @@ class StageMemory:
     def breakdown(self) -> Dict[str, float]:
         """memory_bytes of the report: static parts, activations split out, transient, peak."""
         other = self.activations - self.moe_dispatch - self.logits
-        transient = self.peak - self.static - self.activations if self.peak_phase == "forward/backward" else self.transient_optimizer
+        if self.peak_phase == "forward/backward":
+            transient = self.peak - self.static - self.activations
+        else:
+            transient = self.transient_optimizer
         return {
             "weights": float(self.weights),
             "gradients": float(self.gradients),

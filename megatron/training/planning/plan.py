@@ -183,6 +183,9 @@ def plan_for_run(
     return plan_layout(run.model, lay, device, model_name=run.model_preset or "custom", headroom=headroom, **timing)
 
 
+_MEMORY_COLUMNS = ("weights", "gradients", "optimizer", "activations", "moe_dispatch", "logits", "transient")
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:8.2f}"
 
@@ -216,14 +219,15 @@ def format_plan(plan: Plan) -> str:
         + (f"; recompute {lay.recompute_granularity} {lay.recompute_method or ''} {lay.recompute_num_layers or ''} "
            f"{' '.join(lay.recompute_modules)}".rstrip() if lay.recompute_granularity else ""),
         "",
-        "memory per rank (GiB)",
-        "stage layers     params  weights    grads    optim     acts dispatch   logits transient     peak  fits",
+        "per rank: parameters held, parameters one token activates on the stage (experts whole), memory (GiB)",
+        "stage layers     params   active  weights    grads    optim     acts dispatch   logits transient     peak  fits",
     ]
     for s in plan.stages:
         m, b = s.memory, s.memory.breakdown()
         lines.append(
-            f"{m.stage:5d} {m.layers[0]:3d}-{m.layers[1] - 1:<3d} {_count(m.params):>8}"
-            + "".join(_gib(b[k]) + " " for k in ("weights", "gradients", "optimizer", "activations", "moe_dispatch", "logits", "transient"))
+            f"{m.stage:5d} {m.layers[0]:3d}-{m.layers[1] - 1:<3d} {_count(m.params):>8} "
+            f"{_count(m.params_activated_per_token):>8}"
+            + "".join(_gib(b[k]) + " " for k in _MEMORY_COLUMNS)
             + _gib(b["peak"]) + f"  {'yes' if s.fits else 'NO'}"
         )
     lines += ["", f"device memory {dev.memory_bytes / 2**30:.1f} GiB, usable {plan.usable_bytes / 2**30:.1f} GiB "

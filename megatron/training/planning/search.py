@@ -123,7 +123,8 @@ def candidates(model: DeepSeekConfig, world: int, devices_per_node: int) -> List
                         if last is not None:
                             flags += ["--decoder-last-pipeline-num-layers", str(last)]
                         stages = f"PP{pp}" + (f"[{first},..,{last}]" if first is not None else "")
-                        name = f"TP{tp}{'+SP' if tp > 1 else ''} {stages} EP{ep}{f' {dispatcher}' if ep > 1 else ''} DP{dp} recompute={rname}"
+                        experts = f"EP{ep}" + (f" {dispatcher}" if ep > 1 else "")
+                        name = f"TP{tp}{'+SP' if tp > 1 else ''} {stages} {experts} DP{dp} recompute={rname}"
                         out.append((name, flags))
     return out
 

@@ -81,7 +81,8 @@ def stage_forward_flops(c: DeepSeekConfig, lay: Layout, stage: int) -> Dict[str,
     if lay.recompute_granularity == "selective":
         if "core_attn" in lay.recompute_modules:
             m = c.mla
-            recompute += (end - start) * 2 * (m.num_heads / lay.tp) * (m.qk_head_dim + m.v_head_dim) * (lay.seq_length + 1) / 2 * t
+            core = 2 * (m.num_heads / lay.tp) * (m.qk_head_dim + m.v_head_dim) * (lay.seq_length + 1) / 2
+            recompute += (end - start) * core * t
         if "moe" in lay.recompute_modules:
             recompute += sum(_moe_flops(c, lay) for i in range(start, end) if c.is_moe_layer(i))
     if stage == lay.pp - 1:

@@ -21,8 +21,12 @@ TINY = ["--model-preset", "tiny", "--hidden-size", "64", "--ffn-hidden-size", "1
         "--num-layers", "3", "--seq-length", "32", "--micro-batch-size", "2", "--vocab-size", "255"]
 
 COMM_LAYOUTS = {
-    "tp2_sp_ep2_allgather": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size",
-                             "2", "--moe-token-dispatcher-type", "allgather", "--global-batch-size", "4"],
+    # Recompute reruns the forward collectives up to each layer's last saved tensor: not the dense
+    # layer's final MLP reduce-scatter, but the MoE layers' (the shared experts follow it).
+    "tp2_sp_ep2_allgather_full_recompute": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                            "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type",
+                                            "allgather", "--recompute-granularity", "full", "--recompute-method",
+                                            "uniform", "--recompute-num-layers", "1", "--global-batch-size", "4"],
     "pp2_uneven_mtp": ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
                        "--global-batch-size", "8"],
     "dp2_ep2_alltoall_distopt": ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
