@@ -3,6 +3,7 @@ and the value-head-size choice of MLA attention."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 from typing import List
 
@@ -182,3 +183,30 @@ def test_wide_view_and_narrow_value_give_the_same_attention(nope: int, v: int) -
     (g_ref,) = torch.autograd.grad(ref.sum(), kv)
     torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
     assert torch.equal(g[..., :nope], torch.zeros_like(g[..., :nope]))  # k_nope columns get nothing from v's path
+
+
+@pytest.mark.parametrize("interleave", [True, False], ids=["v3_layout", "rotate_half"])
+def test_mla_takes_fused_rope_from_its_device(interleave: bool) -> None:
+    """An MLA block on a (stand-in) Gaudi with the fused RoPE gives the CPU block's output and
+    gradients; the kernel sees the query rope slice and the shared rope key."""
+    from megatron.core.models.deepseek.init import initialize_parameters
+    from megatron.core.transformer.mla import MultiLatentAttention
+    from tests.unit.core.models.tiny_model import tiny_config
+
+    cfg = tiny_config(moe=False)
+    cfg = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, interleave=interleave))
+    hpu = Device(kind="hpu", importer={"habana_frameworks.torch.hpex.kernels":
+                                       SimpleNamespace(RotaryPosEmbeddingHelperV1=StandInRoPE)}.get)
+    blocks = []
+    for device in (hpu, Device(kind="cpu")):
+        block = MultiLatentAttention(cfg, device=device)
+        initialize_parameters(block, 3, 0.1)
+        blocks.append(block)
+    StandInRoPE.calls.clear()
+    x = torch.randn(2, 5, cfg.hidden_size)
+    outs = [block(x) for block in blocks]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    heads, rope = cfg.mla.num_heads, cfg.mla.qk_rope_head_dim
+    assert [c[0] for c in StandInRoPE.calls] == [(2, heads, 5, rope), (2, 1, 5, rope)]
+    grads = [torch.autograd.grad(out.sum(), block.kv_a_proj_with_mqa.weight)[0] for out, block in zip(outs, blocks)]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
