@@ -17,6 +17,7 @@ from torch import nn
 from megatron.core.config import DeepSeekConfig, RecomputeConfig
 from megatron.core.device import Device
 from megatron.core.distributed import DDPConfig, DistributedDataParallel
+from megatron.core.models.deepseek.compile import compile_model
 from megatron.core.models.deepseek.model import DeepSeekModel
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, build_optimizer
 from megatron.core.parallel_state import ParallelState
@@ -106,6 +107,8 @@ def build_training_stage(run: RunConfig, state: ParallelState, device: Device, l
         recompute=run.training.recompute, seed=run.training.seed, local_rank=local_rank,
         overlap_shared_experts=run.distributed.moe_shared_expert_overlap,
     )
+    if run.device.use_torch_compile:
+        compile_model(model)  # regional, in place: the parameters DDP and the optimizer see are unchanged
     ddp = DistributedDataParallel(model, ddp_config(run), state)
     optimizer = build_optimizer([ddp], optimizer_config(run), state)
     return ModelStage(model=model, ddp=ddp, optimizer=optimizer, layer_range=layer_range)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron.core import communication as comm
 from megatron.core.distributed import finalize_model_grads
+from megatron.core.models.deepseek.compile import compiled_autograd
 from megatron.core.parallel_state import ParallelState
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.timers import TimedIterator, Timers
@@ -86,6 +87,9 @@ class _Run:
         self.timers = Timers(enabled=lg.log_timers_to_tensorboard or lg.timing_log_level > 0,
                              synchronize=device.synchronize)
         stage.model.set_timers(self.timers)
+        self.backward_context = None
+        if run.device.use_torch_compiled_autograd:
+            self.backward_context = lambda: compiled_autograd(stage.ddp)
         self.sigterm = False
         self.start_time = time.time()
         self.loss_history: List[Dict[str, Any]] = []  # one entry per iteration run by this process
@@ -111,6 +115,7 @@ class _Run:
             device=self.device, grad_sync_context=None if forward_only else self.stage.ddp.no_sync,
             aux_loss_scale_func=None if forward_only else self.model.set_moe_aux_loss_scale,
             timers=self.timers,
+            backward_context=self.backward_context if not forward_only else None,
         )
 
     def reduce_losses(self, reported: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:

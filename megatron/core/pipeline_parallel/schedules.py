@@ -116,8 +116,10 @@ class _Runner:
         forward_only: bool,
         device: Optional[Any],
         timers: Timers = DISABLED,
+        backward_context: Optional[Callable[[], ContextManager]] = None,
     ) -> None:
         self.timers = timers
+        self.backward_context = backward_context or contextlib.nullcontext
         self.forward_step_func = forward_step_func
         self.data_iterator = data_iterator
         self.model = model
@@ -157,7 +159,7 @@ class _Runner:
         On the last stage ``output_tensor`` is the scaled scalar loss and ``output_grad`` None; on
         other stages ``output_grad`` is the gradient received for ``output_tensor`` (same shape).
         """
-        with self.timers("backward"):
+        with self.timers("backward"), self.backward_context():
             if output_grad is None:
                 torch.autograd.backward(output_tensor)
             else:
@@ -185,6 +187,7 @@ def forward_backward_no_pipelining(
     grad_sync_context: Optional[Callable[[], ContextManager]] = None,
     aux_loss_scale_func: Optional[Callable[[float], None]] = None,
     timers: Timers = DISABLED,
+    backward_context: Optional[Callable[[], ContextManager]] = None,
 ) -> Reported:
     """Gradient accumulation over ``num_microbatches`` on one stage (PP=1): forward then backward
     of each micro-batch in turn, so only one micro-batch's activations are alive at a time.
@@ -201,7 +204,7 @@ def forward_backward_no_pipelining(
     model = _unwrap_model(model)
     if aux_loss_scale_func is not None:
         aux_loss_scale_func(1.0 / num_microbatches)
-    runner = _Runner(forward_step_func, data_iterator, model, num_microbatches, True, forward_only, device, timers)
+    runner = _Runner(forward_step_func, data_iterator, model, num_microbatches, True, forward_only, device, timers, backward_context)
     if forward_only:
         with torch.no_grad():
             for _ in range(num_microbatches):
@@ -234,6 +237,7 @@ def forward_backward_pipelining_1f1b(
     grad_sync_context: Optional[Callable[[], ContextManager]] = None,
     aux_loss_scale_func: Optional[Callable[[float], None]] = None,
     timers: Timers = DISABLED,
+    backward_context: Optional[Callable[[], ContextManager]] = None,
 ) -> Reported:
     """One-forward-one-backward pipeline schedule (PipeDream-Flush) on this stage.
 
@@ -250,7 +254,8 @@ def forward_backward_pipelining_1f1b(
     if aux_loss_scale_func is not None:
         aux_loss_scale_func(1.0 / num_microbatches)
     runner = _Runner(
-        forward_step_func, data_iterator, model, num_microbatches, comm.is_last_stage, forward_only, device, timers
+        forward_step_func, data_iterator, model, num_microbatches, comm.is_last_stage, forward_only, device, timers,
+        backward_context,
     )
 
     if forward_only:

@@ -67,6 +67,9 @@ class RunConfig:
         self._check_sequence()
         self._check_moe()
         self._check_batches()
+        if self.device.use_torch_compiled_autograd and self.optimizer.overlap_grad_reduce:
+            raise ValueError("--use-torch-compiled-autograd cannot capture DDP's overlapped gradient reduction "
+                             "(its hooks launch collectives): drop --overlap-grad-reduce")
         bad = [r for r in self.logging.profile_ranks if not 0 <= r < self.distributed.world_size]
         if (self.logging.profile or self.logging.profile_type is not None) and bad:
             raise ValueError(f"--profile-ranks {bad} are outside the {self.distributed.world_size} ranks")

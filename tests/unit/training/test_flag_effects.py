@@ -215,3 +215,37 @@ def test_load_without_a_checkpoint_is_an_error_unless_asked(tmp_path, capsys):
     assert summary["iteration"] == 1
     with pytest.raises(ValueError, match="no checkpoint there"):
         pretrain(RUN + ["--train-iters", "1", "--load", str(empty), "--use-checkpoint-args"])
+
+
+@pytest.mark.slow
+def test_use_torch_compile_trains_the_compiled_model_with_eager_losses(monkeypatch):
+    """The flags reach compile_model and compiled autograd. The device layer's backend (inductor on
+    CPU) is swapped for aot_eager to keep this wiring test short; inductor's own numerics are
+    tested in tests/unit/core/models/test_compile.py."""
+    from megatron.core.device import Device
+    from megatron.core.models.deepseek.compile import is_compiled
+    from megatron.training import model_builder
+
+    monkeypatch.setattr(Device, "compile_backend", lambda self: "aot_eager")
+
+    built = []
+    real = model_builder.build_model_stage
+
+    def keep(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    model_builder.build_model_stage = keep
+    try:
+        argv = RUN + ["--train-iters", "2"]
+        compiled = pretrain(argv + ["--use-torch-compile", "1", "--use-torch-compiled-autograd", "1"])
+        eager = pretrain(argv)
+    finally:
+        model_builder.build_model_stage = real
+    assert is_compiled(built[0]) and not is_compiled(built[1])
+    for got, want in zip(compiled["losses"], eager["losses"]):
+        for key in want:
+            if key not in ("iteration", "skipped"):
+                assert abs(got[key] - want[key]) <= 1e-5 * abs(want[key]), (key, got[key], want[key])
+    with pytest.raises(ValueError, match="--use-torch-compiled-autograd cannot capture"):
+        parse_args(argv + ["--use-torch-compile", "1", "--use-torch-compiled-autograd", "1", "--overlap-grad-reduce"], world_size=1)
