@@ -318,7 +318,8 @@ except (OSError, ValueError) as e:
 a = common.get("args") or {}
 values = [a.get("model_preset") or "-", a.get("model.num_layers"), a.get("model.first_k_dense"),
           a.get("model.moe.num_experts"), a.get("model.moe.topk"), a.get("model.mla.num_heads"),
-          a.get("model.mtp.num_layers"), a.get("model.hidden_size")]
+          a.get("model.mtp.num_layers"), a.get("model.hidden_size"), a.get("model.moe.score_function"),
+          a.get("model.moe.num_groups"), a.get("model.moe.group_topk")]
 if any(v is None for v in values):
     sys.exit(f"{os.path.join(path, 'common.json')}: no model arguments")
 print(common.get("iteration", "?"), *values, path)
@@ -328,7 +329,7 @@ EOF
 fi
 if [[ -n "$CKPT_INFO" ]]; then
     read -r CKPT_ITERATION CKPT_PRESET CKPT_LAYERS CKPT_FIRST_DENSE CKPT_EXPERTS CKPT_TOPK CKPT_HEADS CKPT_MTP \
-        CKPT_HIDDEN CKPT_PATH <<<"$CKPT_INFO"
+        CKPT_HIDDEN CKPT_SCORE CKPT_GROUPS CKPT_GROUP_TOPK CKPT_PATH <<<"$CKPT_INFO"
     for v in NUM_LAYERS:HL_NUM_LAYERS:CKPT_LAYERS MOE_SKIP_FIRST_LAYERS:HL_MOE_SKIP_FIRST_LAYERS:CKPT_FIRST_DENSE \
         NUM_EXPERTS:HL_NUM_EXPERTS:CKPT_EXPERTS TOPK:HL_MOE_TOPK:CKPT_TOPK NUM_HEADS:HL_NUM_HEADS:CKPT_HEADS \
         HIDDEN_SIZE:HL_HIDDEN_SIZE:CKPT_HIDDEN; do
@@ -340,8 +341,9 @@ if [[ -n "$CKPT_INFO" ]]; then
     done
     MTP_NUM_LAYERS=""  # the checkpoint's depth is used (--use-checkpoint-args)
     # The preset passed along (its training choices; the shape is the checkpoint's): HL_MODEL, else
-    # the checkpoint's, else the family its experts, top-k and heads match, else deepseek-v3. The
-    # results folder is named after it (checkpoint_model when nothing matched).
+    # the checkpoint's, else the family its experts, top-k and heads match, else the family of its
+    # router (sigmoid: deepseek-v3, softmax: deepseek-v2). The results folder is named after the
+    # preset (checkpoint_model when the last rule chose it).
     MODEL_DIR_NAME=checkpoint_model
     for name in $MODEL "$CKPT_PRESET" deepseek-v3 deepseek-v2 deepseek-v2-lite tiny; do
         info=$(preset_info "$name") || continue
@@ -352,6 +354,7 @@ if [[ -n "$CKPT_INFO" ]]; then
             break
         fi
     done
+    if [[ -z "$MODEL" && "$CKPT_SCORE" == softmax ]]; then MODEL=deepseek-v2; fi
     MODEL=${MODEL:-deepseek-v3}
 fi
 
@@ -641,7 +644,8 @@ model_flag() {
 if [[ -n "$CKPT_INFO" ]]; then
     ARGS+=(--num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN_SIZE" --num-attention-heads "$NUM_HEADS"
         --num-experts "$NUM_EXPERTS" --moe-router-topk "$TOPK"
-        --moe-layer-freq "([0]*$MOE_SKIP_FIRST_LAYERS+[1]*$((NUM_LAYERS - MOE_SKIP_FIRST_LAYERS)))")
+        --moe-layer-freq "([0]*$MOE_SKIP_FIRST_LAYERS+[1]*$((NUM_LAYERS - MOE_SKIP_FIRST_LAYERS)))"
+        --moe-router-num-groups "$CKPT_GROUPS" --moe-router-group-topk "$CKPT_GROUP_TOPK")
     for v in HL_NUM_LAYERS HL_HIDDEN_SIZE HL_NUM_HEADS HL_NUM_EXPERTS HL_MOE_TOPK HL_MOE_SKIP_FIRST_LAYERS; do
         unset "$v"  # passed above
     done

@@ -206,8 +206,9 @@ def format_startup(run: Any, counts: Any, per_rank: Sequence[float], state: Any,
                  f"{m.params_dtype}")
     tokens = t.global_batch_size * run.data.seq_length
     lines.append(f"> batch: global {t.global_batch_size} x {run.data.seq_length} tokens = {tokens:,} tokens per iteration; "
-                 f"micro-batch {t.micro_batch_size}, {run.num_microbatches} micro-batches per iteration and DP rank")
-    out = [f"console every {lg.log_interval} iterations"]
+                 f"micro-batch {t.micro_batch_size}, {run.num_microbatches} micro-batch"
+                 f"{'es' if run.num_microbatches > 1 else ''} per iteration and DP rank")
+    out = [f"console every {lg.log_interval} iterations" if lg.log_interval > 1 else "console every iteration"]
     out.append(f"TensorBoard {lg.tensorboard_dir}" if lg.tensorboard_dir else "no TensorBoard (--tensorboard-dir)")
     if lg.moe_token_distribution_logging:
         out.append(f"per-expert token counts every {lg.moe_token_distribution_logging_interval} iterations "

@@ -100,7 +100,8 @@ def _checkpoint(root: Path, args: Dict[str, object], iteration: int = 7) -> Path
 
 
 TINY_ARGS = {"model_preset": "tiny", "model.num_layers": 6, "model.first_k_dense": 2, "model.moe.num_experts": 8,
-             "model.moe.topk": 2, "model.mla.num_heads": 8, "model.mtp.num_layers": 1, "model.hidden_size": 256}
+             "model.moe.topk": 2, "model.mla.num_heads": 8, "model.mtp.num_layers": 1, "model.hidden_size": 256,
+             "model.moe.score_function": "sigmoid", "model.moe.num_groups": 2, "model.moe.group_topk": 1}
 
 
 def test_checkpoint_in_load_dir_gives_the_model(tmp_path):
@@ -112,6 +113,7 @@ def test_checkpoint_in_load_dir_gives_the_model(tmp_path):
     assert "--use-checkpoint-args" in tokens and _value(tokens, "--load") == str(ckpt)
     assert _value(tokens, "--model-preset") == "tiny" and _value(tokens, "--num-layers") == "6"
     assert _value(tokens, "--hidden-size") == "256" and _value(tokens, "--moe-layer-freq") == "([0]*2+[1]*4)"
+    assert _value(tokens, "--moe-router-num-groups") == "2" and _value(tokens, "--moe-router-group-topk") == "1"
     for flag in ("--max-position-embeddings", "--init-method-std", "--rotary-base", "--q-lora-rank", "--mtp-num-layers"):
         assert flag not in tokens, flag
     assert "/out/tiny/" in proc.stdout and "_nl6_" in proc.stdout
@@ -123,6 +125,8 @@ def test_checkpoint_in_load_dir_gives_the_model(tmp_path):
 @pytest.mark.parametrize("shape, folder, preset", [
     ({"model.moe.num_experts": 256, "model.moe.topk": 8, "model.mla.num_heads": 128}, "deepseek_v3", "deepseek-v3"),
     ({"model.moe.num_experts": 16, "model.moe.topk": 4, "model.mla.num_heads": 8}, "checkpoint_model", "deepseek-v3"),
+    ({"model.moe.num_experts": 16, "model.moe.topk": 4, "model.mla.num_heads": 8, "model.moe.score_function": "softmax",
+      "model.moe.num_groups": 1}, "checkpoint_model", "deepseek-v2"),
 ])
 def test_checkpoint_without_a_preset_is_named_by_its_family(tmp_path, shape, folder, preset):
     args = {**{k: v for k, v in TINY_ARGS.items() if k != "model_preset"}, **shape}
