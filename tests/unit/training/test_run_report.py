@@ -238,3 +238,26 @@ def test_pipeline_stages_all_reach_tensorboard(tmp_path, capfd):
         assert _scalars(events, f"moe/{name}/load-max")[2] == max(both)
         assert _scalars(events, f"moe/{name}/load-min")[2] == min(both)
         assert f"moe/{name}/expert-bias-absmax" in events.Tags()["scalars"]
+
+
+# ---- documentation ---------------------------------------------------------------------------------------
+def _documented_tag_patterns() -> List["re.Pattern"]:
+    readme = (Path(__file__).resolve().parents[3] / "examples" / "deepseek" / "README.md").read_text()
+    table = readme[readme.index("### TensorBoard"):].split("\n\n")[2]
+    patterns = []
+    for row in table.splitlines()[2:]:
+        for tag in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
+            text = re.escape(tag)
+            for token, rx in (("<layer>", r"(layer\d+|mtp\d+)"), ("<name>", r"[\w-]+"), ("<d>", r"\d+"),
+                              ("<loss>", r"(lm|mtp_\d+) loss")):
+                text = text.replace(re.escape(token), rx)
+            patterns.append(re.compile(text + r"( ppl)?"))
+    return patterns
+
+
+def test_every_tensorboard_tag_is_documented(run):
+    patterns = _documented_tag_patterns()
+    tags = run.events.Tags()["scalars"] + run.events.Tags()["histograms"]
+    assert len(tags) > 40
+    undocumented = [t for t in tags if not any(p.fullmatch(t) for p in patterns)]
+    assert not undocumented, undocumented
