@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_REPO_ROOT, "megatron")) and _REPO_ROOT not in sys.path:
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- loading ---------------------------------------------------------------------------------------
-def load_training_checkpoint(load_dir: str):
+def load_training_checkpoint(load_dir: str) -> Tuple[Any, Any, Any]:
     """(model, config, saved TokenizerConfig or None) of a training checkpoint. The one place that
     imports the training checkpoint reader."""
     from megatron.training.checkpointing import CheckpointError, checkpoint_args, load_full_model
@@ -77,7 +77,7 @@ def load_training_checkpoint(load_dir: str):
     return model, config, saved_tokenizer_config(checkpoint_args(load_dir) or {})
 
 
-def saved_tokenizer_config(flat_args: dict):
+def saved_tokenizer_config(flat_args: dict) -> Any:
     """The TokenizerConfig stored in a checkpoint's flat run arguments ("tokenizer.<field>"), or None."""
     import dataclasses
 
@@ -93,7 +93,7 @@ def saved_tokenizer_config(flat_args: dict):
     return TokenizerConfig(**values)
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace) -> Tuple[Any, Any, Any]:
     """(model, config, tokenizer config saved with the checkpoint or None)."""
     if args.hf_path:
         from megatron.core.models.deepseek import load_hf_checkpoint
@@ -103,7 +103,7 @@ def load_model(args: argparse.Namespace):
     return load_training_checkpoint(args.load)
 
 
-def load_tokenizer(args: argparse.Namespace, saved_config):
+def load_tokenizer(args: argparse.Namespace, saved_config: Any) -> Any:
     from megatron.training.tokenizer import TokenizerConfig, build_tokenizer
 
     if args.tokenizer_model or args.tokenizer_type:
@@ -136,13 +136,13 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> Tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def continuation_text(tokenizer, tokens: List[int], eod: Optional[int], stops: Sequence[str]) -> str:
+def continuation_text(tokenizer: Any, tokens: List[int], eod: Optional[int], stops: Sequence[str]) -> str:
     if eod is not None and tokens and tokens[-1] == eod:
         tokens = tokens[:-1]
     return cut_at_stop(tokenizer.detokenize(tokens), stops)[0]
 
 
-def run_generation(args, model, tokenizer, vocab_size: Optional[int], eod: Optional[int]) -> int:
+def run_generation(args: argparse.Namespace, model: Any, tokenizer: Any, vocab_size: Optional[int], eod: Optional[int]) -> int:
     from megatron.core.inference import generate
 
     prompts = read_prompts(args)
@@ -169,7 +169,7 @@ def run_generation(args, model, tokenizer, vocab_size: Optional[int], eod: Optio
     return 0
 
 
-def run_perplexity(args, model, tokenizer, vocab_size: Optional[int]) -> int:
+def run_perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, vocab_size: Optional[int]) -> int:
     from megatron.core.inference import score_tokens
 
     with open(args.perplexity, encoding="utf-8") as f:

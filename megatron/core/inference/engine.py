@@ -16,7 +16,7 @@ slot - start. Attention is the absorbed latent form (`mla_absorbed.py`), the MoE
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -104,7 +104,7 @@ class InferenceEngine:
         self,
         layer: nn.Module,
         hidden: torch.Tensor,
-        rotary,
+        rotary: Tuple[torch.Tensor, torch.Tensor],
         cache: LatentCache,
         slots: torch.Tensor,
         mask: torch.Tensor,
@@ -118,7 +118,10 @@ class InferenceEngine:
             return hidden + dropless_moe(layer.mlp, self.config.moe, normed, static=self.static_moe)
         return hidden + layer.mlp(normed)
 
-    def _context(self, slots: torch.Tensor, kv_len: Optional[int], dtype: torch.dtype):
+    def _context(
+        self, slots: torch.Tensor, kv_len: Optional[int], dtype: torch.dtype
+    ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Rotary tables (cos, sin) [b, 1, s, rope/2] for the slots' positions and the attention mask."""
         if kv_len is not None and not 0 < kv_len <= self.max_len:
             raise ValueError(f"kv_len {kv_len} outside (0, {self.max_len}]")
         positions = self._positions(slots)
@@ -167,6 +170,3 @@ class InferenceEngine:
     def mtp_logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
         """Shared head after MTP depth `depth`'s own final norm -> fp32 logits [..., V]."""
         return self._vocab_logits(self.mtp[depth].final_layernorm(hidden))
-
-    def layer_caches(self) -> List[LatentCache]:
-        return list(self.caches)

@@ -60,7 +60,9 @@ def _scatter_rows(buffer: torch.Tensor, slots: torch.Tensor, values: torch.Tenso
 class _Drafter:
     """Runs the MTP depths over their windows and writes the drafts into the token buffer."""
 
-    def __init__(self, engine: InferenceEngine, tokens: torch.Tensor, hiddens: List[torch.Tensor], vocab_size: Optional[int]):
+    def __init__(
+        self, engine: InferenceEngine, tokens: torch.Tensor, hiddens: List[torch.Tensor], vocab_size: Optional[int]
+    ) -> None:
         self.engine, self.tokens, self.hiddens, self.vocab_size = engine, tokens, hiddens, vocab_size
         self.depths = len(engine.mtp)
 
