@@ -332,6 +332,9 @@ def _data_args(p: argparse.ArgumentParser, tokenizer_types: Tuple[str, ...]) -> 
     g = p.add_argument_group("data and tokenizer")
     a = g.add_argument
     a("--data-path", nargs="*", default=None, help="A prefix, or weight/prefix pairs.")
+    a("--data-args-path", type=str, default=None, help="A file holding the --data-path values (for blends of many datasets).")
+    a("--per-split-data-args-path", type=str, default=None,
+      help='A JSON file {"train": [...], "valid": [...], "test": [...]} of --train/valid/test-data-path values.')
     a("--split", type=str, default=None, help="train,valid,test weights (default with --data-path: 969, 30, 1).")
     a("--train-data-path", nargs="*", default=None)
     a("--valid-data-path", nargs="*", default=None)

@@ -42,20 +42,18 @@ def gpt_dataset_configs(run: RunConfig, eod_token_id: Optional[int], vocab_size:
         eod_token_id=eod_token_id,
         vocab_size=vocab_size,
     )
-    if d.mock_data or d.data_path:
+    blends = d.blends()
+    if d.mock_data or "--data-path" in blends:
         config = GPTDatasetConfig(
-            blend=None if d.mock_data else parse_data_path(list(d.data_path)),
+            blend=None if d.mock_data else parse_data_path(list(blends["--data-path"])),
             split=d.split or DEFAULT_SPLIT,
             mock=d.mock_data,
             **common,
         )
         return {"train": config, "valid": config, "test": config}
     out: Dict[str, Any] = {}
-    for name, paths, split in (
-        ("train", d.train_data_path, "1,0,0"),
-        ("valid", d.valid_data_path, "0,1,0"),
-        ("test", d.test_data_path, "0,0,1"),
-    ):
+    for name, split in (("train", "1,0,0"), ("valid", "0,1,0"), ("test", "0,0,1")):
+        paths = blends.get(f"--{name}-data-path")
         out[name] = GPTDatasetConfig(blend=parse_data_path(list(paths)), split=split, **common) if paths else None
     return out
 

@@ -67,6 +67,7 @@ class RunConfig:
         self._check_sequence()
         self._check_moe()
         self._check_batches()
+        self._check_data()
         if self.device.use_torch_compiled_autograd and self.optimizer.overlap_grad_reduce:
             raise ValueError("--use-torch-compiled-autograd cannot capture DDP's overlapped gradient reduction "
                              "(its hooks launch collectives): drop --overlap-grad-reduce")
@@ -159,6 +160,12 @@ class RunConfig:
                 "capacity is applied where the alltoall dispatcher permutes tokens per expert; the allgather "
                 "dispatcher has no such step (Megatron rejects this combination too)"
             )
+
+    def _check_data(self) -> None:
+        d = self.data
+        split_given = d.train_data_path or d.valid_data_path or d.test_data_path
+        if split_given and not d.train_data_path and not self.training.skip_train:
+            raise ValueError("--valid/--test-data-path without --train-data-path: nothing to train on")
 
     def _check_batches(self) -> None:
         t, dp = self.training, self.data_parallel_size

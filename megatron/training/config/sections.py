@@ -53,6 +53,8 @@ class DataConfig:
 
     seq_length: int = 4096
     data_path: Tuple[str, ...] = ()
+    data_args_path: Optional[str] = None  # a file holding the --data-path values, read where datasets are built
+    per_split_data_args_path: Optional[str] = None  # a JSON file of the three per-split lists
     split: Optional[str] = None
     train_data_path: Tuple[str, ...] = ()
     valid_data_path: Tuple[str, ...] = ()
@@ -70,7 +72,7 @@ class DataConfig:
         if v["seq_length"] is None:
             raise ValueError("--seq-length is required")
         split = v["split"]
-        if v["data_path"] and split is None:
+        if (v["data_path"] or v["data_args_path"]) and split is None:
             split = DEFAULT_SPLIT
             notes.append(f"--split not given: using Megatron's legacy default '{split}'")
         paths = {k: tuple(v[k] or ()) for k in ("data_path", "train_data_path", "valid_data_path", "test_data_path")}
@@ -81,7 +83,9 @@ class DataConfig:
             raise ValueError(f"--seq-length must be >= 1, got {self.seq_length}")
         split_paths = self.train_data_path or self.valid_data_path or self.test_data_path
         sources = [name for name, on in (("--mock-data", self.mock_data), ("--data-path", bool(self.data_path)),
-                                         ("--train/valid/test-data-path", bool(split_paths))) if on]
+                                         ("--data-args-path", self.data_args_path is not None),
+                                         ("--train/valid/test-data-path", bool(split_paths)),
+                                         ("--per-split-data-args-path", self.per_split_data_args_path is not None)) if on]
         if not sources:
             raise ValueError("no training data: pass --data-path (or --train-data-path ...) or --mock-data")
         if len(sources) > 1:
@@ -94,10 +98,18 @@ class DataConfig:
             if values:
                 parse_data_path(list(values))
 
-    def blends(self) -> Dict[str, Tuple[str, Tuple[str, ...]]]:
-        """{flag: values} of the prefix lists that are set."""
-        named = (("--data-path", self.data_path), ("--train-data-path", self.train_data_path),
-                 ("--valid-data-path", self.valid_data_path), ("--test-data-path", self.test_data_path))
+    def blends(self) -> Dict[str, Tuple[str, ...]]:
+        """{flag: values} of the prefix lists that are set, the data-args files read (they are read
+        where datasets are built, and when arguments are parsed with path checks)."""
+        from megatron.core.datasets.data_args import read_data_args_file, read_per_split_data_args_file
+
+        named = [("--data-path", self.data_path), ("--train-data-path", self.train_data_path),
+                 ("--valid-data-path", self.valid_data_path), ("--test-data-path", self.test_data_path)]
+        if self.data_args_path is not None:
+            named.append(("--data-path", tuple(read_data_args_file(self.data_args_path))))
+        if self.per_split_data_args_path is not None:
+            splits = read_per_split_data_args_file(self.per_split_data_args_path)
+            named += [(f"--{k}-data-path", tuple(splits.get(k) or ())) for k in ("train", "valid", "test")]
         return {flag: values for flag, values in named if values}
 
 

@@ -381,3 +381,25 @@ def test_core_configs_from_a_run():
     ddp = ddp_config(run)
     assert ddp.use_distributed_optimizer and ddp.overlap_grad_reduce and ddp.grad_reduce_in_fp32  # fp32 reduction with bf16
     assert not ddp_config(parse_args(TINY, world_size=1)).grad_reduce_in_fp32
+
+
+def test_data_args_files_give_the_same_blend(tmp_path):
+    for name in ("a", "b"):
+        for ext in ("bin", "idx"):
+            (tmp_path / f"{name}.{ext}").write_bytes(b"")
+    no_data = [a for a in TINY if a != "--mock-data"]
+    cli = parse_args(no_data + ["--data-path", "0.3", f"{tmp_path}/a", "0.7", f"{tmp_path}/b"], world_size=1)
+    (tmp_path / "blend.txt").write_text(f"0.3 {tmp_path}/a\n0.7 {tmp_path}/b\n")
+    from_file = parse_args(no_data + ["--data-args-path", str(tmp_path / "blend.txt")], world_size=1)
+    assert from_file.data.data_args_path and not from_file.data.data_path
+    blend = lambda run: gpt_dataset_configs(run, eod_token_id=1000, vocab_size=1001)["train"].blend  # noqa: E731
+    assert blend(from_file) == blend(cli)
+    (tmp_path / "splits.json").write_text(f'{{"train": ["{tmp_path}/a"], "valid": ["{tmp_path}/b"]}}')
+    run = parse_args(no_data + ["--per-split-data-args-path", str(tmp_path / "splits.json")], world_size=1)
+    configs = gpt_dataset_configs(run, eod_token_id=1000, vocab_size=1001)
+    assert [prefix for _, prefix in configs["train"].blend] == [f"{tmp_path}/a"]
+    assert [prefix for _, prefix in configs["valid"].blend] == [f"{tmp_path}/b"] and configs["test"] is None
+    assert "use one data source" in err(no_data + ["--data-args-path", str(tmp_path / "blend.txt"), "--data-path", f"{tmp_path}/a"])
+    assert "--data-args-path" in err(no_data + ["--data-args-path", str(tmp_path / "missing.txt")])
+    (tmp_path / "bad.txt").write_text(f"0.5 {tmp_path}/missing\n")
+    assert f"{tmp_path}/missing.bin" in err(no_data + ["--data-args-path", str(tmp_path / "bad.txt")])
