@@ -23,12 +23,13 @@ distributed/grad_buffer.py, moe/*dispatcher*.py, pipeline_parallel/p2p.py):
   pieces of the global grad norm.
 - PP: one activation forward and one gradient backward per micro-batch and stage boundary; the
   first and last stage sum the shared embedding's gradient (MTP) over "embedding".
-On gloo (CPU) reduce-scatter runs as an all-reduce of the whole tensor (gloo lacks it), so the
-"cpu" device type counts those as all-reduces, as the code issues them. Recompute repeats the
-forward collectives of what it recomputes, up to its last saved tensor (torch.utils.checkpoint
-stops early, so a checkpointed region's final output reduction runs once). The all-to-all rows
-assume balanced routing (the group's total is exact for dropless routing; a single rank's share
-follows the router).
+Logging is left out (the MoE statistics reduced at --log-interval iterations). On gloo (CPU)
+reduce-scatter runs as an all-reduce of the whole tensor (gloo lacks it), so the "cpu" device
+type counts those as all-reduces, as the code issues them. Recompute repeats the forward
+collectives of what it recomputes, up to its last saved tensor (torch.utils.checkpoint stops
+early, so a checkpointed region's final output reduction runs once). The all-to-all rows assume
+balanced routing (the group's total is exact for dropless routing; a single rank's share follows
+the router).
 """
 
 from __future__ import annotations
