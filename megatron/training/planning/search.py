@@ -122,7 +122,9 @@ def candidates(model: DeepSeekConfig, world: int, devices_per_node: int) -> List
                             flags += ["--decoder-first-pipeline-num-layers", str(first)]
                         if last is not None:
                             flags += ["--decoder-last-pipeline-num-layers", str(last)]
-                        stages = f"PP{pp}" + (f"[{first},..,{last}]" if first is not None else "")
+                        stages = f"PP{pp}"
+                        if first is not None:
+                            stages += f"[{first},{last}]" if pp == 2 else f"[{first},..,{last}]"
                         experts = f"EP{ep}" + (f" {dispatcher}" if ep > 1 else "")
                         name = f"TP{tp}{'+SP' if tp > 1 else ''} {stages} {experts} DP{dp} recompute={rname}"
                         out.append((name, flags))
