@@ -27,6 +27,12 @@ Group = Optional[dist.ProcessGroup]
 _backend: Any = dist  # torch.distributed, or a recording stand-in (tests)
 
 
+def set_backend(backend: Any) -> None:
+    """Route every collective of this process to `backend` from now on (measurement tools)."""
+    global _backend
+    _backend = backend
+
+
 @contextlib.contextmanager
 def use_backend(backend: Any) -> Iterator[None]:
     """Route every collective of this module to `backend` (an object with torch.distributed's API)."""

@@ -58,9 +58,12 @@ class CommCounter:
         self.calls[kind][op] += 1
 
     def install(self) -> None:
+        """Count every collective from now on: a counting backend for megatron.core.communication
+        (the one module that calls torch.distributed), and ParallelState.build wrapped to learn
+        which group is which kind."""
         import torch.distributed as dist
 
-        from megatron.core import parallel_state
+        from megatron.core import communication, parallel_state
 
         counter = self
         build = parallel_state.ParallelState.build.__func__
@@ -73,50 +76,50 @@ class CommCounter:
             return state
 
         parallel_state.ParallelState.build = classmethod(wrapped_build)
-
-        def wrap(name: str, op: str, size) -> None:
-            original = getattr(dist, name, None)
-            if original is None:
-                return
-
-            @functools.wraps(original)
-            def inner(*args, **kwargs):
-                group = kwargs.get("group")
-                if group is None:
-                    group = _positional_group(name, args)
-                counter.record(group, op, size(*args, **kwargs))
-                return original(*args, **kwargs)
-
-            setattr(dist, name, inner)
-
-        wrap("all_reduce", "all_reduce", lambda t, *a, **k: _nbytes(t))
-        wrap("all_gather", "all_gather", lambda out, t, *a, **k: sum(_nbytes(x) for x in out))
-        wrap("all_gather_into_tensor", "all_gather", lambda out, t, *a, **k: _nbytes(out))
-        wrap("all_gather_single", "all_gather", lambda out, t, *a, **k: _nbytes(out))
-        wrap("reduce_scatter_tensor", "reduce_scatter", lambda out, t, *a, **k: _nbytes(t))
-        wrap("reduce_scatter_single", "reduce_scatter", lambda out, t, *a, **k: _nbytes(t))
-        wrap("all_to_all_single", "all_to_all", lambda out, t, *a, **k: _nbytes(t))
-        wrap("broadcast", "broadcast", lambda t, *a, **k: _nbytes(t))
-        original_batch = dist.batch_isend_irecv
-
-        @functools.wraps(original_batch)
-        def batch(ops):
-            for p2p in ops:
-                op = "send" if p2p.op in (dist.isend, getattr(dist, "send", None)) else "recv"
-                counter.record(p2p.group, op, _nbytes(p2p.tensor))
-            return original_batch(ops)
-
-        dist.batch_isend_irecv = batch
+        communication.set_backend(_CountingBackend(counter, dist))
 
     def as_dict(self) -> Dict[str, Any]:
         return {"bytes": {k: dict(v) for k, v in self.bytes.items()}, "calls": {k: dict(v) for k, v in self.calls.items()}}
 
 
-def _positional_group(name: str, args: Sequence[Any]) -> Any:
-    """The group when passed positionally (torch.distributed signatures)."""
-    index = {"all_reduce": 2, "all_gather": 2, "all_gather_into_tensor": 2, "all_gather_single": 2,
-             "reduce_scatter_tensor": 3, "reduce_scatter_single": 3, "all_to_all_single": 4, "broadcast": 2}.get(name)
-    return args[index] if index is not None and len(args) > index else None
+class _CountingBackend:
+    """torch.distributed's API, recording the bytes of every collective before running it."""
+
+    # op name -> (counted as, bytes of the call's tensors)
+    _SIZES = {
+        "all_reduce": ("all_reduce", lambda t, *a, **k: _nbytes(t)),
+        "all_gather": ("all_gather", lambda out, t, *a, **k: sum(_nbytes(x) for x in out)),
+        "all_gather_into_tensor": ("all_gather", lambda out, t, *a, **k: _nbytes(out)),
+        "all_gather_single": ("all_gather", lambda out, t, *a, **k: _nbytes(out)),
+        "reduce_scatter_tensor": ("reduce_scatter", lambda out, t, *a, **k: _nbytes(t)),
+        "reduce_scatter_single": ("reduce_scatter", lambda out, t, *a, **k: _nbytes(t)),
+        "all_to_all_single": ("all_to_all", lambda out, t, *a, **k: _nbytes(t)),
+        "broadcast": ("broadcast", lambda t, *a, **k: _nbytes(t)),
+    }
+
+    def __init__(self, counter: CommCounter, dist: Any) -> None:
+        self.counter, self.dist = counter, dist
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self.dist, name)
+        if name == "batch_isend_irecv":
+            def batch(ops):
+                for p2p in ops:
+                    op = "send" if p2p.op is self.dist.isend else "recv"
+                    self.counter.record(p2p.group, op, _nbytes(p2p.tensor))
+                return real(ops)
+
+            return batch
+        if name not in self._SIZES:
+            return real
+        op, size = self._SIZES[name]
+
+        @functools.wraps(real)
+        def inner(*args, **kwargs):
+            self.counter.record(kwargs.get("group"), op, size(*args, **kwargs))
+            return real(*args, **kwargs)
+
+        return inner
 
 
 def _rss(cmd: List[str]) -> int:
