@@ -10,7 +10,7 @@ A job takes the lock at start-up (`acquire_save_lock`, collective) and releases 
 (`release_save_lock`). A second job is refused with a message naming the owner. A lock whose
 owner ran on this host and is gone (no such pid, a zombie, or the pid reused by a process with
 another start time) is stale and taken over; a lock of another host cannot be checked from here:
-the user deletes the file or passes force=True (proposed flag: --ckpt-force-unlock).
+the user deletes the file or passes force=True (flag --ckpt-force-unlock).
 
 Cleaning up after interrupted saves touches only leftovers that cannot belong to a running save:
 our own, those of a dead process on this host, and, while this job holds the lock, any other

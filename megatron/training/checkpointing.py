@@ -28,7 +28,7 @@ boxes (clipped to `logical_rows` for padded vocabularies) with the stored ones, 
 into its parameters and its optimizer's live state through one bounded buffer. So any layout
 (TP, SP, PP, EP, DP, distributed optimizer) loads any other, and no rank holds more than its own
 tensors plus that buffer (and the index). Errors are agreed on by all ranks, so they all raise the
-same CheckpointError. `fallback_to_previous` (proposed flag --ckpt-fallback-to-previous) tries
+same CheckpointError. `fallback_to_previous` (flag --ckpt-fallback-to-previous) tries
 older complete iterations when the tracked one fails.
 
 `load_checkpoint` also accepts the single-process hf_io format (config.json + safetensors) as a
@@ -309,7 +309,7 @@ def save_checkpoint(
 ) -> str:
     """Save iteration `iteration` (collective over all ranks); returns its directory.
 
-    `optimizer` None saves weights only. `allow_tracker_rewind` (proposed flag
+    `optimizer` None saves weights only. `allow_tracker_rewind` (flag
     --ckpt-allow-tracker-rewind) allows an iteration below the tracker's. `buffer_bytes` bounds
     the host staging buffer for device tensors; `block_bytes` is the checksum block size."""
     return _save(save_dir, iteration, _chunks(model_chunks), optimizer, scheduler_state, run_config, parallel_state,
