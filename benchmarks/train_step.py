@@ -15,10 +15,12 @@ SAME weights. After warmup, timed forward+backward steps alternate between the v
 in machine load hit all alike); each step is loss -> backward -> grads set to None (no optimizer: the
 comparison is the model). The losses of the first step are printed to show the work is the same.
 
-Peak memory: each variant runs in its own subprocess (compiled ones compile there first). On CPU, the kernel's peak-RSS counter
-(VmHWM) is reset through /proc/self/clear_refs after loading, then 2 steps run; the figure is
-VmHWM minus the RSS before the first step (for compiled variants: after one compiling step), i.e. activations + gradients + temporaries of a step
-(PyTorch's CPU allocator returns large blocks to the OS, so RSS follows tensors). On CUDA/HPU the
+Peak memory: each variant runs in its own subprocess, which first runs one step (compiled variants
+compile there, outside the measured window; every variant alike). On CPU, the kernel's peak-RSS
+counter (VmHWM) is then reset through /proc/self/clear_refs and 2 steps run; the figure is VmHWM
+minus the RSS before them, i.e. activations + gradients + temporaries of a step. The child runs
+with MALLOC_MMAP_THRESHOLD_=65536 so every tensor of 64 KiB or more is its own mapping, returned
+on free: RSS follows the live tensors. On CUDA/HPU the
 device allocator's max_allocated (after a reset) minus allocated before the step.
 
 FLOPs per token (fwd; training = 3 x fwd, backward being two matmuls per forward one), counting a
