@@ -91,7 +91,7 @@ def exit_reason(training: Any, iteration: int, sigterm: bool, start_time: float,
     signal_seen, kill_seen, late_seen = comm.sum_floats([float(sigterm), float(kill), float(late)], device)
     reasons = []
     if signal_seen:
-        reasons.append("SIGTERM received (--exit-signal-handler)")
+        reasons.append("signal SIGTERM received (--exit-signal-handler)")
     if kill_seen:
         reasons.append(f"kill switch file {t.kill_switch_file} found (--kill-switch-file)")
     if late_seen:
@@ -192,7 +192,8 @@ def format_startup(run: Any, counts: Any, per_rank: Sequence[float], state: Any,
     world = len(per_rank)
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
     dp = run.data_parallel_size
-    lines = ["> model: " + f"{human(counts.total)} parameters ({counts.total:,}; without MTP {human(counts.total_without_mtp)}, "
+    lines = [f"> model: {human(counts.total)} parameters ({counts.total:,}; "
+             f"without MTP {human(counts.total_without_mtp)}, "
              f"routed experts {human(counts.routed_expert)}, embedding {human(counts.embedding)}); "
              f"activated per token {human(counts.activated_per_token)} ({counts.activated_per_token:,}; "
              "input embedding excluded, top-k experts)"]
@@ -201,7 +202,8 @@ def format_startup(run: Any, counts: Any, per_rank: Sequence[float], state: Any,
                  f"{100 * per_rank[0] / max(counts.total, 1):.1f}% of the model)"
                  + (f"; largest rank {big}: {human(per_rank[big])}; smallest: {human(min(per_rank))}" if world > 1 else ""))
     local = m.moe.num_experts // ep
-    lines.append(f"> layout: {world} rank{'s' if world > 1 else ''} = DP {dp} x TP {tp} x PP {pp}; EP {ep} ({local} of {m.moe.num_experts} "
+    ranks = f"{world} rank{'s' if world > 1 else ''}"
+    lines.append(f"> layout: {ranks} = DP {dp} x TP {tp} x PP {pp}; EP {ep} ({local} of {m.moe.num_experts} "
                  f"experts per rank); sequence parallel {'on' if p.sequence_parallel else 'off'}; device {device_kind}, "
                  f"{m.params_dtype}")
     tokens = t.global_batch_size * run.data.seq_length

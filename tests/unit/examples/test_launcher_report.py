@@ -60,7 +60,8 @@ def test_launcher_run_log_trace_verification_and_histograms(tmp_path):
     # histograms: per iteration, every token of the global batch (2 DP ranks) routed to top-2 experts
     events = EventAccumulator(str(results / "tensorboard"), size_guidance={"histograms": 0})
     events.Reload()
-    assert sorted(events.Tags()["histograms"]) == [f"moe/{n}/tokens-per-expert" for n in ("layer1", "layer2", "layer3", "mtp1")]
+    layers = ("layer1", "layer2", "layer3", "mtp1")
+    assert sorted(events.Tags()["histograms"]) == [f"moe/{n}/tokens-per-expert" for n in layers]
     for tag in events.Tags()["histograms"]:
         steps = {e.step: sum(e.histogram_value.bucket) for e in events.Histograms(tag)}
         assert steps == {1: 4 * 32 * 2, 2: 4 * 32 * 2, 3: 4 * 32 * 2}, (tag, steps)

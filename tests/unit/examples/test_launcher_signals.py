@@ -51,7 +51,8 @@ def test_ctrl_c_saves_then_stops_every_rank(tmp_path):
     out = _stop(tmp_path, env, "ctrl-c", 130)
     saved = latest_checkpoint(results)
     assert saved is not None and 2 <= saved < TRAIN_ITERS, out[-4000:]
-    assert re.search(rf"exiting at iteration {saved}: signal", out), out[-4000:]
+    assert re.search(rf"exiting at iteration {saved}: signal SIGTERM received \(--exit-signal-handler\)", out), out[-4000:]
+    assert "stopped: signal SIGTERM received (--exit-signal-handler)" in out  # the end-of-run summary says why
     assert "SIGINT: stopping every rank; they save a checkpoint first" in out
     assert "SignalException" not in out  # torchrun's traceback for the stop goes to the log only
     assert "SignalException" in (results / "logs" / "launcher_stderr.log").read_text()
@@ -69,7 +70,8 @@ def test_sigterm_two_hosts_mpirun_saves_then_stops_every_rank(tmp_path):
     out = _stop(tmp_path, env, "sigterm", 143)
     saved = latest_checkpoint(results)
     assert saved is not None and 2 <= saved < TRAIN_ITERS, out[-4000:]
-    assert re.search(rf"exiting at iteration {saved}: signal", out), out[-4000:]
+    assert re.search(rf"exiting at iteration {saved}: signal SIGTERM received \(--exit-signal-handler\)", out), out[-4000:]
+    assert "stopped: signal SIGTERM received (--exit-signal-handler)" in out  # the end-of-run summary says why
     # the orted started for 127.0.0.2 is gone too
     assert no_processes_left(f"plm_rsh_agent \"{RSH_AGENT}\"") == []
 

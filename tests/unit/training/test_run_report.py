@@ -192,7 +192,8 @@ def test_exit_reason_says_which(tmp_path):
     switch.write_text("")
     assert exit_reason(_training(kill_switch_file=str(switch)), 1, False, now, cpu) == \
         f"kill switch file {switch} found (--kill-switch-file)"
-    assert exit_reason(_training(exit_signal_handler=True), 1, True, now, cpu) == "SIGTERM received (--exit-signal-handler)"
+    signal_reason = exit_reason(_training(exit_signal_handler=True), 1, True, now, cpu)
+    assert signal_reason == "signal SIGTERM received (--exit-signal-handler)"
     assert exit_reason(_training(exit_signal_handler=True), 1, False, now, cpu) is None
     late = exit_reason(_training(exit_duration_in_mins=1.0), 1, False, now - 120, cpu)
     assert late == "run time passed --exit-duration-in-mins 1"
