@@ -376,6 +376,12 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     a("--override-explicit-args-from-checkpoint", action="store_true",
       help="With --use-checkpoint-args, let the checkpoint's model flags win over differing explicit ones.")
     a("--ckpt-step", type=int, default=None)
+    a("--ckpt-force-unlock", action="store_true",
+      help="Take over the --save directory's lock although its owner cannot be shown to be gone.")
+    a("--ckpt-fallback-to-previous", action="store_true",
+      help="When the newest checkpoint in --load is damaged, load the previous complete one (with a warning).")
+    a("--ckpt-allow-tracker-rewind", action="store_true",
+      help="Allow saving an iteration below the one latest_checkpointed_iteration.txt names.")
     a("--ckpt-format", type=str, default="torch_dist", help="Only torch_dist.")
     a("--verify-checkpoint", action="store_true")
     a("--verify-checkpoint-model-type", choices=["DEEPSEEK"], default="DEEPSEEK")

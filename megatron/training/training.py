@@ -194,6 +194,7 @@ def save(r: _Run) -> None:
     _checkpointing().save_checkpoint(
         c.save, r.iteration, r.stage.chunks, None if c.no_save_optim else r.stage.optimizer,
         r.scheduler.state_dict(), r.run, r.state, dict(r.consumed), rng=not c.no_save_rng,
+        allow_tracker_rewind=c.ckpt_allow_tracker_rewind,
     )
     r.report.after_save(r.iteration)
 
@@ -205,7 +206,7 @@ def _load(run: RunConfig, state: ParallelState, stage: ModelStage, scheduler: Op
         return 0, {"train": 0, "valid": 0, "test": 0}
     loaded = _checkpointing().load_checkpoint(
         c.load, stage.chunks, stage.optimizer, run, state, load_optim=not c.no_load_optim,
-        load_rng=not c.no_load_rng, finetune=c.finetune,
+        load_rng=not c.no_load_rng, finetune=c.finetune, fallback_to_previous=c.ckpt_fallback_to_previous,
     )
     if loaded is None:
         _missing_checkpoint(run)
@@ -253,6 +254,9 @@ def _peak(run: RunConfig, device: Any) -> float:
     return peak if peak is not None else measured_matmul_peak(getattr(torch, run.model.params_dtype))
 
 
+_held_locks: List[Any] = []  # save-directory locks of this process, released when pretrain ends
+
+
 def setup(run: RunConfig, rank: int, local_rank: int, forward_step: ForwardStep) -> _Run:
     device = resolve_device(run.device.device, run.device.lazy_mode)
     device.set_deterministic(run.training.deterministic_mode)
@@ -264,6 +268,8 @@ def setup(run: RunConfig, rank: int, local_rank: int, forward_step: ForwardStep)
     if run.model.kernels.mark_step_per_layer and not device.lazy_mode:
         print_rank_0(f"note: --mark-step-per-layer has no effect here: it ends HPU lazy-mode graphs ({device.kind}, lazy mode off)")
     state = ParallelState.build(run.parallel)
+    if run.checkpoint.save:  # one job per save directory, taken before anything is written there
+        _held_locks.append(_checkpointing().acquire_save_lock(run.checkpoint.save, force=run.checkpoint.ckpt_force_unlock))
     set_random_seeds(run.training.seed, state.rank_in("pp"), device)
     tokenizer, run = build_tokenizer_for_run(run)
     print_rank_0(format_run_config(run))
@@ -436,5 +442,7 @@ def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[Forwa
             signal.signal(signal.SIGTERM, previous)
         if r is not None:
             r.logger.close()
+        while _held_locks:
+            _checkpointing().release_save_lock(_held_locks.pop())
         if owns_group:
             destroy_distributed()

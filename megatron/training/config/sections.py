@@ -314,6 +314,9 @@ class CheckpointConfig:
     exit_on_missing_checkpoint: bool = False
     allow_no_checkpoint: bool = False
     ckpt_step: Optional[int] = None
+    ckpt_force_unlock: bool = False
+    ckpt_fallback_to_previous: bool = False
+    ckpt_allow_tracker_rewind: bool = False
     verify_checkpoint: bool = False
     verify_checkpoint_model_type: str = "DEEPSEEK"
 
@@ -335,6 +338,12 @@ class CheckpointConfig:
                              ("--ckpt-step", self.ckpt_step is not None)):
                 if on:
                     raise ValueError(f"{flag} needs --load")
+        for flag, on in (("--ckpt-force-unlock", self.ckpt_force_unlock),
+                         ("--ckpt-allow-tracker-rewind", self.ckpt_allow_tracker_rewind)):
+            if on and self.save is None:
+                raise ValueError(f"{flag} applies to --save")
+        if self.ckpt_fallback_to_previous and self.load is None:
+            raise ValueError("--ckpt-fallback-to-previous needs --load")
         if self.exit_on_missing_checkpoint and self.allow_no_checkpoint:
             raise ValueError("--exit-on-missing-checkpoint and --allow-no-checkpoint contradict each other")
         if self.override_explicit_args_from_checkpoint and not self.use_checkpoint_args:

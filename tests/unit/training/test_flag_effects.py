@@ -5,6 +5,7 @@ and static shapes of the padded MoE path."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import List, Tuple
 
 import pytest
@@ -249,3 +250,26 @@ def test_use_torch_compile_trains_the_compiled_model_with_eager_losses(monkeypat
                 assert abs(got[key] - want[key]) <= 1e-5 * abs(want[key]), (key, got[key], want[key])
     with pytest.raises(ValueError, match="--use-torch-compiled-autograd cannot capture"):
         parse_args(argv + ["--use-torch-compile", "1", "--use-torch-compiled-autograd", "1", "--overlap-grad-reduce"], world_size=1)
+
+
+def test_a_second_job_on_the_same_save_directory_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from megatron.training.checkpointing import acquire_save_lock, release_save_lock
+    from tests.conftest import REPO_ROOT
+
+    save = tmp_path / "ckpt"
+    lock = acquire_save_lock(str(save))  # this (live) process owns the directory
+    try:
+        argv = RUN + ["--train-iters", "1", "--save", str(save), "--save-interval", "1"]
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / "pretrain_gpt.py"), *argv], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and str(save) in error[0] and f"pid {os.getpid()}" in error[0], proc.stderr[-2000:]
+        assert not list(save.glob("iter_*"))
+    finally:
+        release_save_lock(lock)
+    assert pretrain(RUN + ["--train-iters", "1", "--save", str(save), "--save-interval", "1"])["iteration"] == 1
+    assert (save / "iter_0000001").is_dir()
