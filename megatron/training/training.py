@@ -46,7 +46,8 @@ ForwardStep = Callable[[Any, Any], Tuple[Any, Callable]]
 
 # ---- forward step -----------------------------------------------------------------------------
 def gpt_forward_step(data_iterator: Any, model: Any) -> Tuple[Any, Callable]:
-    """One micro-batch: every stage reads the batch; the last stage's loss_func reports lm / mtp / aux."""
+    """One micro-batch: every stage reads the batch; the last stage's loss_func reports lm / mtp losses
+    (the MoE auxiliary losses of every stage are gathered by the training loop)."""
     batch = next(data_iterator)
     device = next(model.parameters()).device
     tokens = batch["tokens"].to(device)
@@ -64,8 +65,6 @@ def gpt_forward_step(data_iterator: Any, model: Any) -> Tuple[Any, Callable]:
             m = torch.roll(mask, -depth, dims=-1)
             m[..., -depth:] = 0
             reported[f"mtp_{depth} loss"] = ((losses.float() * m).sum() / m.sum().clamp(min=1.0)).detach()
-        for name, value in output.moe_aux_losses.items():
-            reported[name] = torch.as_tensor(value).detach().float()
         return loss, reported
 
     return out, loss_func
@@ -83,6 +82,7 @@ class _Run:
         self.iteration, self.consumed, self.forward_step, self.rank = iteration, consumed, forward_step, rank
         self.schedule = get_forward_backward_func(run.parallel.pipeline_model_parallel_size)
         self.torch_device = next(stage.model.parameters()).device  # where this rank's collectives run
+        self.aux_reported: List[Dict[str, torch.Tensor]] = []  # this stage's MoE aux losses per micro-batch
         lg = run.logging
         self.timers = Timers(enabled=lg.log_timers_to_tensorboard or lg.timing_log_level > 0,
                              synchronize=device.synchronize)
@@ -107,9 +107,16 @@ class _Run:
             seq //= self.run.parallel.tensor_model_parallel_size
         return (self.run.training.micro_batch_size, seq, self.run.model.hidden_size)
 
+    def _forward_step_recording_aux(self, data_iterator: Any, model: Any) -> Tuple[Any, Callable]:
+        """The forward step, plus this stage's MoE auxiliary losses of the micro-batch (every stage)."""
+        out = self.forward_step(data_iterator, model)
+        self.aux_reported.append(self.model.moe_aux_loss_values())
+        return out
+
     def run_schedule(self, iterator: Any, forward_only: bool) -> List[Dict[str, torch.Tensor]]:
+        self.aux_reported = []
         return self.schedule(
-            forward_step_func=self.forward_step, data_iterator=iterator, model=self.stage.ddp,
+            forward_step_func=self._forward_step_recording_aux, data_iterator=iterator, model=self.stage.ddp,
             num_microbatches=self.run.num_microbatches, tensor_shape=self.tensor_shape(),
             dtype=next(self.model.parameters()).dtype, parallel_state=self.state, forward_only=forward_only,
             device=self.device, grad_sync_context=None if forward_only else self.stage.ddp.no_sync,
@@ -118,16 +125,33 @@ class _Run:
             backward_context=self.backward_context if not forward_only else None,
         )
 
+    def _aux_names(self) -> List[str]:
+        moe = self.run.model.moe
+        names = {"seq_aux_loss": ["seq_aux_loss"], "aux_loss": ["aux_loss"]}.get(moe.load_balancing_type, [])
+        return names + (["z_loss"] if moe.z_loss_coeff else [])
+
     def reduce_losses(self, reported: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        """Micro-batch means averaged over the data-parallel ranks (last stage only; {} elsewhere)."""
+        """Micro-batch means averaged over the data-parallel ranks, on the last stage ({} elsewhere).
+
+        The MoE auxiliary losses are summed over the layers of every pipeline stage (one all-reduce
+        over the "pp" group, which every rank joins) before the average."""
+        aux_names = self._aux_names()
+        aux = torch.zeros(len(aux_names), dtype=torch.float32, device=self.torch_device)
+        if aux_names and self.aux_reported:
+            per_micro = [torch.stack([d[n].float() if n in d else aux.new_zeros(()) for n in aux_names])
+                         for d in self.aux_reported]
+            aux = torch.stack(per_micro).mean(0)
+        if aux_names and self.state.size("pp") > 1:
+            comm.all_reduce(aux, group=self.state.group("pp"))
         if not self.state.is_last_stage or not reported:
             return {}
         names = list(reported[0])
         stacked = torch.stack([torch.stack([r[n].float() for n in names]) for r in reported]).mean(0)
+        stacked = torch.cat([stacked, aux.to(stacked.device)])
         if self.state.size("dp") > 1:
             comm.all_reduce(stacked, group=self.state.group("dp"))
             stacked /= self.state.size("dp")
-        return dict(zip(names, stacked.tolist()))
+        return dict(zip(names + aux_names, stacked.tolist()))
 
 
 # ---- one iteration -------------------------------------------------------------------------------

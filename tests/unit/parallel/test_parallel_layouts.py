@@ -17,6 +17,8 @@ LAYOUTS = [
     # is proven on the dense variant of the model.
     Layout("tp2_dense", 2, ("--tensor-model-parallel-size", "2"), model="dense"),
     Layout("tp2_sp", 2, ("--tensor-model-parallel-size", "2", "--sequence-parallel")),
+    # Even split: an MoE layer on each stage, so the reported aux loss sums over both stages.
+    Layout("pp2", 2, ("--pipeline-model-parallel-size", "2")),
     Layout("pp2_uneven_first", 2, ("--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1")),
     Layout("ep2_alltoall", 2, ("--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall")),
     Layout("ep2_allgather", 2, ("--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather")),

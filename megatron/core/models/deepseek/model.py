@@ -247,6 +247,16 @@ class DeepSeekModel(nn.Module):
     def moe_layers(self) -> List[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
+    def moe_aux_loss_values(self) -> Dict[str, torch.Tensor]:
+        """Detached sums over this stage's MoE layers of each auxiliary loss of the last forward
+        (coefficients included; 0-dim fp32 tensors on the device)."""
+        out: Dict[str, torch.Tensor] = {}
+        for moe in self.moe_layers():
+            if moe.last_stats is not None:
+                for name, value in moe.last_stats.aux_losses.items():
+                    out[name] = out[name] + value if name in out else value
+        return out
+
     def set_timers(self, timers: Timers) -> None:
         """Time the MoE layers' token dispatch and combine ("moe-dispatch", "moe-combine")."""
         for moe in self.moe_layers():
