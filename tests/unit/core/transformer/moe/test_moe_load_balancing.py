@@ -57,7 +57,7 @@ def test_update_expert_bias_over_model_uses_one_all_reduce(monkeypatch) -> None:
     """DeepSeekModel.update_expert_bias: one all-reduce of the stacked [routers, E] loads per load group."""
     import dataclasses
 
-    from megatron.core.models.deepseek import model as model_module
+    from megatron.core import communication as comm
     from megatron.core.models.deepseek.model import DeepSeekModel
     from megatron.core.transformer.parallel_context import ParallelContext
 
@@ -69,11 +69,21 @@ def test_update_expert_bias_over_model_uses_one_all_reduce(monkeypatch) -> None:
     loads = [layer.router.local_tokens_per_expert.clone() for layer in model.moe_layers()]
     calls = []
 
-    def fake_all_reduce(t: torch.Tensor, group=None) -> None:  # two identical DP ranks
-        calls.append((tuple(t.shape), group))
-        t.mul_(2)
+    class TwoIdenticalRanks:  # the communication backend of two DP ranks that routed the same tokens
+        def is_available(self):
+            return True
 
-    monkeypatch.setattr(model_module.dist, "all_reduce", fake_all_reduce)
+        def is_initialized(self):
+            return True
+
+        def get_world_size(self, group=None):
+            return 2
+
+        def all_reduce(self, t, op=None, group=None, async_op=False):
+            calls.append((tuple(t.shape), group))
+            t.mul_(2)
+
+    monkeypatch.setattr(comm, "_backend", TwoIdenticalRanks())
     assert model.update_expert_bias() == 2
     assert calls == [((2, E), fake_group)]
     for layer, load in zip(model.moe_layers(), loads):
