@@ -47,7 +47,7 @@ def test_launcher_run_log_trace_verification_and_histograms(tmp_path):
     # profiling: a trace where the message says
     traces = list((results / "tensorboard" / "traces").glob("*.pt.trace.json"))
     assert traces and traces[0].stat().st_size > 0
-    assert f"profiler trace of iterations 2-3 written to {results / 'tensorboard' / 'traces'}" in log
+    assert f"[rank 0] profiler trace of iterations 2-3 written to {results / 'tensorboard' / 'traces'}" in log
     # verification after the save
     assert re.search(rf"verified checkpoint iteration 3 in {re.escape(str(results / 'checkpoints'))}/iter_0000003 "
                      r"\(training checkpoint, saved by 2 ranks\): .*: OK", log)
