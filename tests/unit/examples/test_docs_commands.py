@@ -21,10 +21,13 @@ CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
 
 
 def bash_blocks() -> List[Tuple[str, str]]:
-    out = []
+    """(doc#index, text) of every distinct bash block (a block both documents show runs once)."""
+    out, seen = [], set()
     for doc in DOCS:
         for i, block in enumerate(re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S)):
-            out.append((f"{doc.relative_to(REPO)}#{i}", block))
+            if block not in seen:
+                seen.add(block)
+                out.append((f"{doc.relative_to(REPO)}#{i}", block))
     return out
 
 
