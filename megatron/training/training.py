@@ -126,7 +126,9 @@ class _Run:
         )
 
     def _aux_names(self) -> List[str]:
-        moe = self.run.model.moe
+        m, moe = self.run.model, self.run.model.moe
+        if not any(m.is_moe_layer(i) for i in range(m.num_layers + m.mtp.num_layers)):
+            return []
         names = {"seq_aux_loss": ["seq_aux_loss"], "aux_loss": ["aux_loss"]}.get(moe.load_balancing_type, [])
         return names + (["z_loss"] if moe.z_loss_coeff else [])
 
