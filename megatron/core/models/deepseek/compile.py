@@ -19,9 +19,11 @@ Graph breaks (counted by tests/unit/core/models/test_compile.py with dynamo's co
   or capacity drop; one device): none.
 - dropless MoE on one device: none on CPU / CUDA bf16 (the grouped GEMM is the opaque custom op
   `megatron::grouped_mm`), none elsewhere (the tiled fallback has static shapes).
-- tensor / sequence / expert parallelism: the collectives inside the mappings' autograd functions
-  and the all-to-all dispatcher's host-side split sizes break the graph; the regions between
-  them are compiled, and losses still match eager (tests under EP2 and TP2 + SP).
+- TP2 + SP: none (dynamo traces the mappings' collectives as functional collectives).
+- EP with the all-to-all dispatcher: per MoE layer, the host-side split sizes (a data-dependent
+  read), the asynchronous all_to_all launches and their Work.wait break the graph (12 breaks over
+  two training steps of a 1-dense + 1-MoE stage); the regions between them are compiled, and
+  losses match eager (tests under EP2 and TP2 + SP).
 
 Recompilation: shapes are static (`dynamic=False`), so a new micro-batch shape, a switch between
 training and evaluation (grad mode) or a changed aux-loss scale compiles a new variant once; a
