@@ -112,7 +112,6 @@ COMPAT_FLAGS: Tuple[Tuple[str, dict, str], ...] = (
     ("--no-bias-gelu-fusion", dict(action="store_true"), "no biases, no GeLU"),
     ("--no-bias-swiglu-fusion", dict(action="store_true"), "no biases"),
     ("--no-bias-dropout-fusion", dict(action="store_true"), "no biases, no dropout"),
-    ("--no-rope-fusion", dict(action="store_true"), "no such fusion here"),
     ("--no-persist-layer-norm", dict(action="store_true"), "no persistent layer-norm kernel"),
     ("--no-async-tensor-model-parallel-allreduce", dict(action="store_true"), "deprecated in Megatron"),
     ("--use-flash-attn", dict(action="store_true"), "attention uses torch SDPA / HPU FusedSDPA (--use-fused-sdpa)"),
@@ -419,5 +418,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     a("--use-fused-sdpa-with-recompute", type=str_to_bool, default=False)
     a("--use-fast-softmax", type=str_to_bool, default=True)
     a("--use-fused-rmsnorm", type=str_to_bool, default=True)
+    a("--no-rope-fusion", action="store_false", dest="apply_rope_fusion", default=True,
+      help="Do not use Intel's fused RoPE kernel on HPU (the torch formula instead).")
     a("--mark-step-per-layer", action="store_true",
       help="HPU lazy mode: end the graph after every decoder layer (smaller graphs, faster compiles).")

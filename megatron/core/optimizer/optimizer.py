@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from megatron.core.distributed.ddp import DistributedDataParallel, main_grad, unwrap_model
 from megatron.core.device import device_of
 from megatron.core.optimizer.adamw import FusedAdamWRunner, adamw_step_
+from megatron.core.optimizer.fused import fused_clip_applicable, fused_clip_grads
 from megatron.core.optimizer.clip_grads import clip_grads_, count_zeros, global_grad_norm
 from megatron.core.optimizer.config import OptimizerConfig
 from megatron.core.parallel_state import ParallelState
@@ -203,10 +204,16 @@ class MegatronOptimizer:
         """
         live = [(s, g) for s in self.slots if (g := s.grad()) is not None]  # grad None: unused param (plain modules)
         items = [(g, s.param) for s, g in live]
-        grad_norm = global_grad_norm(items, self.parallel_state, self.sharded, self._device())
+        fused_norm = None
+        if live and fused_clip_applicable(self.parallel_state, self.sharded):
+            # One kernel computes the norm and clips (Gaudi); it leaves nothing to do when it ran.
+            fused_norm = fused_clip_grads([g for _, g in live], self.config.clip_grad, device_of(live[0][1]))
+        grad_norm = fused_norm if fused_norm is not None else global_grad_norm(
+            items, self.parallel_state, self.sharded, self._device())
         if not math.isfinite(grad_norm):
             return False, grad_norm, None
-        clip_grads_([g for _, g in live], self.config.clip_grad, grad_norm)
+        if fused_norm is None:
+            clip_grads_([g for _, g in live], self.config.clip_grad, grad_norm)
         num_zeros = None
         if self.config.log_num_zeros_in_grad:
             num_zeros = count_zeros(items, self.parallel_state, self.sharded, self._device())

@@ -99,7 +99,7 @@ class MultiLatentAttention(nn.Module):
 
     def _fused_rope(self, like: torch.Tensor) -> Optional[object]:
         """Intel's fused RoPE where the device has it and `kernels.use_fused_rope` (default on) allows."""
-        if not getattr(self.config.kernels, "use_fused_rope", True):
+        if not self.config.kernels.use_fused_rope:
             return None
         return (self._device or device_of(like)).fused_rope()
 

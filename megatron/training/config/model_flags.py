@@ -175,7 +175,7 @@ def model_config_from_flags(
         moe=_moe_config(v, ffn, notes),
         rope=_rope_config(v, preset),
         mtp=MTPConfig(**_plain_values(MTPConfig, v), num_layers=v["mtp_num_layers"] or 0),
-        kernels=KernelConfig(**_plain_values(KernelConfig, v)),
+        kernels=KernelConfig(**_plain_values(KernelConfig, v), use_fused_rope=v["apply_rope_fusion"]),
     )
 
 

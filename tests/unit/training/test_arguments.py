@@ -363,10 +363,12 @@ def test_stage_layer_ranges_and_map():
 
 
 def test_compat_flags_say_they_have_no_effect():
-    notes = parse_args(TINY + ["--no-rope-fusion", "--use-flash-attn"], world_size=1).notes
-    assert "--no-rope-fusion has no effect here: no such fusion here" in notes
+    notes = parse_args(TINY + ["--use-flash-attn", "--no-masked-softmax-fusion"], world_size=1).notes
+    assert "--no-masked-softmax-fusion has no effect here: no such fusion here" in notes
     assert any(n.startswith("--use-flash-attn has no effect here") for n in notes)
-    assert not any("--no-masked-softmax-fusion" in n for n in notes)  # only the flags given
+    assert not any("--no-persist-layer-norm" in n for n in notes)  # only the flags given
+    assert parse_args(TINY, world_size=1).model.kernels.use_fused_rope
+    assert not parse_args(TINY + ["--no-rope-fusion"], world_size=1).model.kernels.use_fused_rope
 
 
 def test_core_configs_from_a_run():

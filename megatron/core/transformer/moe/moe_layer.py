@@ -29,7 +29,8 @@ from megatron.core.transformer.mlp import SwiGLUMLP
 from megatron.core.transformer.parallel_context import SINGLE_DEVICE, ExpertParallelContext, ParallelContext
 from megatron.core.transformer.moe.allgather_dispatcher import AllGatherTokenDispatcher
 from megatron.core.transformer.moe.alltoall_dispatcher import AllToAllTokenDispatcher
-from megatron.core.transformer.moe.experts import GroupedExperts, shard_expert_weights
+from megatron.core.device import device_of
+from megatron.core.transformer.moe.experts import GroupedExperts, fused_moe_supported, shard_expert_weights
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import DispatchPlan, TokenDispatcher
 
@@ -68,6 +69,7 @@ class MoELayer(nn.Module):
         self.hidden_size = config.hidden_size
         self.ep_group, self.ep_size, self.ep_rank = ep.group, ep.size, ep.rank
         self.overlap_shared_experts = ep.overlap_shared_experts
+        self.dispatcher_type, self.capacity_factor = ep.dispatcher, moe.capacity_factor
         if moe.num_experts % self.ep_size:
             raise ValueError(
                 f"--num-experts ({moe.num_experts}) must be divisible by --expert-model-parallel-size ({self.ep_size})"
@@ -130,6 +132,18 @@ class MoELayer(nn.Module):
         counts, all_rows_valid = plan.expert_input()
         return self.experts(rows, counts, all_rows_valid=all_rows_valid)
 
+    def _forward_fused(self, hidden: torch.Tensor, flat: torch.Tensor, flat_mask: Optional[torch.Tensor],
+                       routing) -> torch.Tensor:
+        """Dispatch, experts and combine in one device kernel (Gaudi's mixture_of_experts; dropless,
+        one expert-parallel rank). Padding tokens get zero routing weights, so they add nothing."""
+        weights = routing.probs if flat_mask is None else routing.probs * flat_mask.unsqueeze(-1).to(routing.probs.dtype)
+        out = self.experts.forward_routed(flat, routing.indices, weights, expert_offset=self.local_expert_start)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        self.last_stats = MoEStats(aux_losses=routing.aux_losses, tokens_per_expert=routing.tokens_per_expert,
+                                   dropped_fraction=torch.zeros((), dtype=torch.float32, device=flat.device))
+        return out.to(hidden.dtype).view(hidden.shape)
+
     def forward(self, hidden: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"MoE layer expects [batch, seq, {self.hidden_size}], got {tuple(hidden.shape)}")
@@ -138,6 +152,9 @@ class MoELayer(nn.Module):
         flat = hidden.reshape(-1, self.hidden_size)
         flat_mask = None if token_mask is None else token_mask.reshape(-1)
 
+        if self.ep_size == 1 and fused_moe_supported(device=device_of(flat), capacity_factor=self.capacity_factor,
+                                                     has_token_mask=False, dispatcher=self.dispatcher_type, ep_size=1):
+            return self._forward_fused(hidden, flat, flat_mask, routing)
         with self.timers("moe-dispatch"):
             rows, plan = self.dispatcher.dispatch_preprocess(flat, routing.probs, routing.indices, flat_mask)
             pending = self.dispatcher.dispatch_async(rows, plan)

@@ -31,6 +31,9 @@ class _StubDevice:
     def fused_adamw(self):
         return self.cls
 
+    def fused_clip_norm(self):
+        return None
+
 
 def _train(dtype: torch.dtype, fused: bool, monkeypatch, steps: int = 3):
     stub = _StubDevice(torch.optim.AdamW)
@@ -65,3 +68,47 @@ def test_no_kernel_means_the_plain_update(monkeypatch):
     net = _Net(torch.float32)
     opt = build_optimizer([net], OptimizerConfig(use_fused_adamw=True), ParallelState.build(ParallelConfig()))
     assert not opt.uses_fused_adamw
+
+
+class _StandInClipNorm:
+    """Intel's FusedClipNorm interface: FusedClipNorm(parameters, max_norm).clip_norm(parameters)
+    clips every `.grad` in place and returns the total L2 norm before clipping."""
+
+    calls = 0
+
+    def __init__(self, parameters, max_norm: float) -> None:
+        self.max_norm = max_norm
+
+    def clip_norm(self, parameters):
+        _StandInClipNorm.calls += 1
+        grads = [p.grad for p in parameters]
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        coeff = self.max_norm / (float(total) + 1e-6)
+        if coeff < 1.0:
+            for g in grads:
+                g.mul_(coeff)
+        return total
+
+
+class _ClipDevice:
+    def fused_adamw(self):
+        return None
+
+    def fused_clip_norm(self):
+        return _StandInClipNorm
+
+
+def test_fused_clip_norm_is_used_where_the_local_norm_is_global(monkeypatch):
+    """One rank holding the whole model: the fused kernel clips; the result equals the plain path."""
+    results = {}
+    for name, device in (("fused", _ClipDevice()), ("plain", _StubDevice(None))):
+        monkeypatch.setattr(optimizer_module, "device_of", lambda t, device=device: device)
+        net = _Net(torch.float32)
+        opt = build_optimizer([net], OptimizerConfig(lr=1e-2, clip_grad=0.01), ParallelState.build(ParallelConfig()))
+        net(torch.randn(4, 8, generator=torch.Generator().manual_seed(0))).backward()
+        ok, norm, _ = opt.step()
+        results[name] = (norm, [p.detach().clone() for p in net.parameters()])
+    assert _StandInClipNorm.calls == 1
+    assert results["fused"][0] == pytest.approx(results["plain"][0], rel=1e-6) and results["plain"][0] > 0.01
+    for a, b in zip(results["fused"][1], results["plain"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

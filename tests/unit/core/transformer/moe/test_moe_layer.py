@@ -91,3 +91,31 @@ def test_dense_layer_index_is_rejected() -> None:
     initialized(MoELayer(cfg, 1))
     with pytest.raises(ValueError):
         initialized(MoELayer(cfg, 1))(torch.randn(4, 32))
+
+
+def test_fused_kernel_path_gives_the_layer_output_and_gradients(monkeypatch):
+    """Where the device's MoE kernel applies (dropless, one EP rank), the layer hands routing to
+    GroupedExperts.forward_routed; its result and gradients equal the dispatcher path."""
+    from megatron.core.transformer.moe import moe_layer
+
+    cfg = tiny_config(load_balancing_type="seq_aux_loss", aux_loss_coeff=0.01)
+    x = torch.randn(2, 6, 32)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(moe_layer, "fused_moe_supported", lambda **kw: fused)
+        layer = initialized(MoELayer(cfg, 0), seed=3)
+        calls = []
+        real = layer.experts.forward_routed
+        layer.experts.forward_routed = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        xi = x.clone().requires_grad_()
+        out = layer(xi, mask)
+        out.sum().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+        assert bool(calls) == fused
+    (out_a, gx_a, g_a), (out_b, gx_b, g_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx_b, gx_a, rtol=1e-5, atol=1e-6)
+    for name in g_a:
+        torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-5, atol=1e-6, msg=name)
