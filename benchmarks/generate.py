@@ -198,26 +198,45 @@ def speculative(args: argparse.Namespace) -> Dict[str, object]:
         "train_steps": args.train_steps, "train_s": round(train_s, 1),
         "final_lm_loss": round(statistics.mean(losses[-20:]), 3),
     }
-    plain_times = []
-    spec_times: Dict[int, List[float]] = {d: [] for d in range(1, args.mtp_depths + 1)}
-    for _ in range(args.reps):
-        plain_times.append(timed(lambda: generate(model, prompts, args.new)))
-        for d in spec_times:
-            spec_times[d].append(timed(lambda d=d: speculative_generate(model, prompts, args.new, num_draft=d)))
     tokens = len(prompts) * args.new
-    plain_tps = tokens / statistics.median(plain_times)
-    result["plain_tokens_per_s"] = round(plain_tps, 1)
-    for d in spec_times:
+    depths = range(1, args.mtp_depths + 1)
+
+    def plain_alone():  # latency use: each prompt decoded on its own (batch 1)
+        for p in prompts:
+            generate(model, [p], args.new)
+
+    def spec_alone(d: int):
+        for p in prompts:
+            speculative_generate(model, [p], args.new, num_draft=d)
+
+    runs: Dict[str, Callable[[], object]] = {
+        "plain": lambda: generate(model, prompts, args.new), "plain_b1": plain_alone,
+    }
+    for d in depths:
+        runs[f"spec{d}"] = lambda d=d: speculative_generate(model, prompts, args.new, num_draft=d)
+        runs[f"spec{d}_b1"] = lambda d=d: spec_alone(d)
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(args.reps):
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    tps = {name: tokens / statistics.median(t) for name, t in times.items()}
+    result["plain_tokens_per_s"] = round(tps["plain"], 1)
+    result["plain_batch1_tokens_per_s"] = round(tps["plain_b1"], 1)
+    for d in depths:
         out, stats = speculative_generate(model, prompts, args.new, num_draft=d)
         single = [speculative_generate(model, [p], args.new, num_draft=d)[1] for p in prompts]
-        tps = tokens / statistics.median(spec_times[d])
         result[f"draft{d}"] = {
             "identical_to_greedy": out == plain,
             "acceptance_rate": round(stats.acceptance_rate, 3),
+            "acceptance_rate_batch1": round(sum(s.accepted for s in single) / sum(s.drafted for s in single), 3),
             "main_forwards_batch": stats.rounds + 1,
             "main_forwards_per_prompt_alone": [s.rounds + 1 for s in single],
-            "tokens_per_s": round(tps, 1),
-            "speedup": round(tps / plain_tps, 2),
+            "tokens_per_s": round(tps[f"spec{d}"], 1),
+            "speedup": round(tps[f"spec{d}"] / tps["plain"], 2),
+            "batch1_tokens_per_s": round(tps[f"spec{d}_b1"], 1),
+            "speedup_batch1": round(tps[f"spec{d}_b1"] / tps["plain_b1"], 2),
         }
     return result
 
@@ -230,7 +249,7 @@ def machine_load() -> str:
 
 
 def append_results(figures: Dict[str, object], command: str) -> None:
-    date = subprocess.run(["date"], capture_output=True, text=True, check=False).stdout.strip()
+    date = subprocess.run(["date", "+%Y-%m-%d %H:%M"], capture_output=True, text=True, check=False).stdout.strip()
     t = figures["throughput"]
     parts = [
         f"ours {t['ours_tokens_per_s']} tokens/s vs HF generate() {t['hf_tokens_per_s']} tokens/s: {t['ratio']}x "
@@ -248,8 +267,10 @@ def append_results(figures: Dict[str, object], command: str) -> None:
             d = s[key]
             parts.append(
                 f"speculative {key[5:]} MTP draft(s) after {s['train_steps']} training steps (LM loss {s['final_lm_loss']}): "
-                f"acceptance {d['acceptance_rate']}, {d['tokens_per_s']} vs plain {s['plain_tokens_per_s']} tokens/s = "
-                f"{d['speedup']}x, identical to greedy: {d['identical_to_greedy']}"
+                f"acceptance {d['acceptance_rate']}, main-model forwards {d['main_forwards_batch']} vs {t['new_tokens']}, "
+                f"batch {t['batch']}: {d['tokens_per_s']} vs plain {s['plain_tokens_per_s']} tokens/s = {d['speedup']}x, "
+                f"batch 1: {d['batch1_tokens_per_s']} vs {s['plain_batch1_tokens_per_s']} = {d['speedup_batch1']}x; "
+                f"identical to greedy: {d['identical_to_greedy']}"
             )
     row = f"| {date} | CPU 2-core, {figures['load']} | `{command}` | " + "; ".join(parts) + " |\n"
     with open(os.path.join(_REPO_ROOT, "benchmarks", "RESULTS.md"), "a", encoding="utf-8") as f:
