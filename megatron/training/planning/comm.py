@@ -240,11 +240,14 @@ def _step_collectives(
             t.add("tp", "all_reduce", loads)
         if lay.dp > 1:
             t.add("dp", "all_reduce", loads)
+    # The loss report: the MoE auxiliary losses of every stage are summed over "pp" (every rank),
+    # then the last stage averages lm / mtp / aux over "dp".
+    has_moe = any(c.is_moe_layer(i) for i in range(c.num_layers + c.mtp.num_layers))
+    aux = ((c.moe.load_balancing_type != "none") + bool(c.moe.z_loss_coeff)) if has_moe else 0
+    if aux and lay.pp > 1:
+        t.add("pp", "all_reduce", 4 * aux)
     if last and lay.dp > 1:
-        reported = 1 + c.mtp.num_layers
-        if routers:
-            reported += (c.moe.load_balancing_type != "none") + bool(c.moe.z_loss_coeff)
-        t.add("dp", "all_reduce", 4 * reported)
+        t.add("dp", "all_reduce", 4 * (1 + c.mtp.num_layers + aux))
 
 
 def wire_bytes(op: str, nbytes: float, group: int) -> float:
