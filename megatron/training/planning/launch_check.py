@@ -25,7 +25,8 @@ this project.) Steps:
 The last line of the output is always a one-line summary (`fits: ...`, `does not fit: ...`,
 `no memory plan: ...`, `error: ...`). Exit status: 0 fits, 1 bad input (a flag the trainer
 rejects, or an option of this check), 2 this Python cannot import the project, 3 does not fit,
-4 flags valid but no plan (device model unknown, checkpoint arguments unreadable).
+4 flags valid but no plan (device model unknown, checkpoint arguments unreadable or not
+applicable to the command line).
 """
 
 from __future__ import annotations
@@ -259,11 +260,18 @@ def check(args: argparse.Namespace, argv: List[str], out: Any) -> Tuple[int, str
     def plan_run(r: Any) -> Any:
         return plan_for_run(as_built(r), device_type, device=spec)
 
+    # Validation is parse_args' alone: what only the ranks would reject (a checkpoint's arguments
+    # against the command line) leaves the check without a plan, the ranks report it.
+    try:
+        built = as_built(run)
+    except Exception as exc:  # ValueError: a contradiction; others: arguments that do not read as a run's
+        return NO_PLAN, (f"no memory plan: the checkpoint's model arguments do not apply "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            plan = plan_run(run)
+            plan = plan_for_run(built, device_type, device=spec)
     except ValueError as exc:
-        return BAD_INPUT, f"error: the training flags are invalid: {str(exc).splitlines()[0]}"
+        return NO_PLAN, f"no memory plan: {str(exc).splitlines()[0]}"
     plan.notes.extend(notes)
     if args.print_plan:
         print(format_plan(plan), file=out)

@@ -238,3 +238,35 @@ def test_run_as_a_file_and_without_the_project(tmp_path):
     assert proc.returncode == NO_IMPORT, proc.stderr
     assert proc.stdout.startswith("error: cannot import this project: ") and len(proc.stdout.splitlines()) == 1
 
+
+
+def _checkpoint(root: Path, argv: List[str]) -> Path:
+    """A save folder as far as --use-checkpoint-args reads it: tracker and common.json with the run's arguments."""
+    import json
+
+    from megatron.training.arguments import parse_args
+    from megatron.training.checkpoint_format import FORMAT
+    from megatron.training.config import to_flat_dict
+
+    (root / "iter_0000007").mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("7")
+    args = to_flat_dict(parse_args(argv, 2, check_paths=False))
+    (root / "iter_0000007" / "common.json").write_text(json.dumps({"format": FORMAT, "iteration": 7, "args": args}))
+    return root
+
+
+def test_the_model_of_a_checkpoint_is_planned(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ckpt", TINY + ["--num-layers", "6", "--moe-layer-freq", "([0]*1+[1]*5)"])
+    resume = TINY + ["--load", str(ckpt), "--use-checkpoint-args"]
+    code, lines = check(*CPU2, "--device-memory-gb", "4", "--print-plan", train=resume)
+    assert code == FITS, lines
+    row = lines[lines.index(next(line for line in lines if line.startswith("stage layers"))) + 1]
+    assert re.match(r"\s+0\s+0-5\s", row), row  # the checkpoint's 6 layers, not the preset's 4
+    # a size given on the command line that contradicts the checkpoint: the ranks reject it, no plan here
+    code, lines = check(*CPU2, "--device-memory-gb", "4", train=resume + ["--num-layers", "4"])
+    assert code == NO_PLAN and len(lines) == 1
+    assert lines[0].startswith("no memory plan: the checkpoint's model arguments do not apply (ValueError: ")
+    # a folder whose common.json does not read as a checkpoint's: no plan either, saying why
+    (ckpt / "iter_0000007" / "common.json").write_text('{"iteration": 7}')
+    code, lines = check(*CPU2, "--device-memory-gb", "4", train=resume)
+    assert code == NO_PLAN and lines[0].startswith(f"no memory plan: the checkpoint arguments in {ckpt} cannot be read")
