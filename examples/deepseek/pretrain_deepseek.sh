@@ -5,13 +5,15 @@
 # (examples/deepseek/pretrain_deepseek.sh of HabanaAI/Megatron-LM), so existing job scripts work
 # unchanged; see examples/deepseek/README.md for the full table and every difference. In short:
 #   - every setting is validated before anything is launched (one line naming the variable), and
-#     the whole command line goes through the training code's own parser first (HL_PRECHECK);
+#     the whole command line goes through the training code's own parser and memory planner first
+#     (HL_PRECHECK): a layout predicted not to fit is refused, naming the nearest layouts that fit
+#     (HL_PLAN_DEVICE_TYPE, HL_PLAN_DEVICE_MEMORY_GB; HL_PLAN_OVERRIDE=1 launches it anyway);
 #   - an HL_* name this script does not know is reported with the closest known one
 #     (HL_STRICT_ENV=1 makes it an error);
 #   - the device is decided by the ranks (--device auto) unless HL_DEVICE says otherwise;
 #     HL_USE_LAZY_MODE=1 means HPU;
 #   - the command is a bash array (paths with spaces or quotes survive);
-#   - HL_DRY_RUN=1 prints the resolved settings and the exact command, then exits 0;
+#   - HL_DRY_RUN=1 prints the resolved settings, the exact command and the memory plan, then exits 0;
 #   - per-rank logs go to <results>/logs; a user error inside the ranks is shown as one line;
 #     SIGINT / SIGTERM / SIGHUP stop every rank (with HL_EXIT_SIGNAL_HANDLER=1 they save first);
 #   - additions: HL_MODEL presets, model-size overrides, MTP, HL_DEVICE (hpu/cuda/cpu),
@@ -81,7 +83,8 @@ KNOWN_VARS=(
     HL_PPR HL_HNIC HL_HCCL_OVER_OFI HL_HCCL_GAUDI_DIRECT HL_FI_PROVIDER HL_TORCHRUN_MULTINODE
     HL_TORCHRUN_NODE_RANK HL_TORCHRUN_MASTER_ADDR HL_MASTER_PORT HL_ENV_FLAGS HL_USE_LAZY_MODE
     HL_USE_TORCH_COMPILE HL_USE_TORCH_COMPILED_AUTOGRAD HL_REDIRECT_LOGS HL_DEVICE HL_PYTHON HL_TORCHRUN
-    HL_MPIRUN HL_DRY_RUN HL_CHECK_PATHS HL_PRECHECK HL_STRICT_ENV HL_EXIT_SIGNAL_HANDLER HL_SHUTDOWN_TIMEOUT
+    HL_MPIRUN HL_DRY_RUN HL_CHECK_PATHS HL_PRECHECK HL_PLAN_DEVICE_TYPE HL_PLAN_DEVICE_MEMORY_GB HL_PLAN_OVERRIDE
+    HL_STRICT_ENV HL_EXIT_SIGNAL_HANDLER HL_SHUTDOWN_TIMEOUT
     HL_DP HL_TP HL_PP HL_EP HL_SEQ_PARALLEL HL_MICRO_BATCH HL_GBS HL_SEQ_LEN HL_FISRT_PP_STAGE_LAYERS
     HL_LAST_PP_STAGE_LAYERS HL_USE_DISTRIBUTED_OPTIMIZER HL_ENABLE_GRAD_REDUCE_OVERLAP
     HL_ENABLE_PARAM_GATHER_OVERLAP HL_CKP_ACT HL_RECOMPUTE_NUM_LAYERS HL_MODEL HL_NUM_LAYERS
@@ -158,6 +161,9 @@ MPIRUN_BIN=${HL_MPIRUN:-mpirun}
 DRY_RUN=${HL_DRY_RUN:-0}
 CHECK_PATHS=${HL_CHECK_PATHS:-1}
 PRECHECK=${HL_PRECHECK:-}
+PLAN_DEVICE_TYPE=${HL_PLAN_DEVICE_TYPE:-}
+PLAN_DEVICE_MEMORY_GB=${HL_PLAN_DEVICE_MEMORY_GB:-}
+PLAN_OVERRIDE=${HL_PLAN_OVERRIDE:-0}
 EXIT_SIGNAL_HANDLER=${HL_EXIT_SIGNAL_HANDLER:-0}
 SHUTDOWN_TIMEOUT=${HL_SHUTDOWN_TIMEOUT:-}
 
@@ -385,7 +391,7 @@ for v in HNIC:HL_HNIC TORCHRUN_MULTINODE:HL_TORCHRUN_MULTINODE USE_LAZY_MODE:HL_
     DETERMINISTIC_MODE:HL_DETERMINISTIC_MODE USE_FUSED_SDPA:HL_USE_FUSED_SDPA \
     USE_FUSED_SDPA_WITH_RECOMPUTE:HL_USE_FUSED_SDPA_WITH_RECOMPUTE USE_FAST_SOFTMAX:HL_USE_FAST_SOFTMAX \
     USE_FUSED_RMSNORM:HL_USE_FUSED_RMSNORM MOCK_DATA:HL_MOCK_DATA DRY_RUN:HL_DRY_RUN CHECK_PATHS:HL_CHECK_PATHS \
-    EXIT_SIGNAL_HANDLER:HL_EXIT_SIGNAL_HANDLER; do
+    EXIT_SIGNAL_HANDLER:HL_EXIT_SIGNAL_HANDLER PLAN_OVERRIDE:HL_PLAN_OVERRIDE; do
     var=${v%%:*}
     is_01 "${v#*:}" "${!var}"
 done
@@ -801,37 +807,79 @@ print_command() {
     echo
 }
 
-# Optional check of the whole command line by the training code's own validation
-# (megatron.training.arguments.parse_args), before anything starts. Default: on for a real
-# launch, off for HL_DRY_RUN=1.
-if [[ -z "$PRECHECK" ]]; then PRECHECK=$((1 - DRY_RUN)); fi
-if ((PRECHECK == 1)); then
-    precheck_rc=0
-    out=$("$PYTHON_BIN" - "$NUM_DEVICES" "$CHECK_PATHS" "${ARGS[@]:2}" 2>&1 <<'EOF'
-import sys
-try:
-    from megatron.training.arguments import parse_args
-except Exception as e:  # not this project's environment
-    print(f"{type(e).__name__}: {e}")
-    sys.exit(2)
-world, check = int(sys.argv[1]), sys.argv[2] == "1"
-try:
-    parse_args(sys.argv[3:], world_size=world, check_paths=check)
-except ValueError as e:
-    print(e)
-    sys.exit(1)
-EOF
-    ) || precheck_rc=$?
-    if ((precheck_rc == 2)); then
-        die "HL_PRECHECK: HL_PYTHON ($PYTHON_BIN) cannot import this project ($(echo "$out" | tail -n 1)); set HL_PYTHON, or HL_PRECHECK=0 to skip the check"
-    elif ((precheck_rc != 0)); then
-        die "HL_PRECHECK: the training flags are invalid: $(echo "$out" | tail -n 1) (HL_PRECHECK=0 skips this check)"
-    fi
+# Pre-launch check by the training code (megatron/training/planning/launch_check.py): the command
+# line through its own parser (parse_args), then the memory plan of the layout on the device model:
+# HL_PLAN_DEVICE_TYPE, else cpu for HL_DEVICE=cpu, else the model hl-smi / nvidia-smi name on this
+# node (none: no memory check). Modes: strict (a real launch; HL_PRECHECK=1 also in a dry run)
+# stops on invalid flags and on a layout predicted not to fit (HL_PLAN_OVERRIDE=1 launches it
+# anyway); report (a dry run) prints the plan and what a launch would do; off (HL_PRECHECK=0).
+if [[ "$PRECHECK" == 0 ]]; then
+    CHECK_MODE=off
+elif [[ "$PRECHECK" == 1 || "$DRY_RUN" == 0 ]]; then
+    CHECK_MODE=strict
+else
+    CHECK_MODE=report
+fi
+CHECK_ARGS=(--num-devices "$NUM_DEVICES" --devices-per-node "$DEVICES_PER_NODE")
+((CHECK_PATHS == 0)) || CHECK_ARGS+=(--check-paths)
+if [[ -n "$PLAN_DEVICE_TYPE" ]]; then
+    CHECK_ARGS+=(--device-type "$PLAN_DEVICE_TYPE")
+elif [[ "$DEVICE" == cpu ]]; then
+    CHECK_ARGS+=(--device-type cpu)
+else
+    CHECK_ARGS+=(--detect "$DEVICE")
+fi
+[[ -z "$PLAN_DEVICE_MEMORY_GB" ]] || CHECK_ARGS+=(--device-memory-gb "$PLAN_DEVICE_MEMORY_GB")
+((DRY_RUN == 0)) || CHECK_ARGS+=(--print-plan)
+((PLAN_OVERRIDE == 0)) || CHECK_ARGS+=(--nearest 0)
+PLAN_TEXT=""  # the plan (printed by a dry run)
+PLAN_LINE=""  # one line after it; a launch prints it when the layout fits
+PLAN_NOTE=""  # a launch without the memory check: why (one line)
+PLAN_WARN=""  # a layout that does not fit, launched with HL_PLAN_OVERRIDE=1 (one line)
+if [[ "$CHECK_MODE" == off ]]; then
+    PLAN_LINE="no plan: HL_PRECHECK=0 skips the pre-launch check"
+else
+    check_rc=0
+    check_out=$("$PYTHON_BIN" "$REPO_ROOT/megatron/training/planning/launch_check.py" "${CHECK_ARGS[@]}" -- "${ARGS[@]:2}") ||
+        check_rc=$?
+    check_line=$(tail -n 1 <<<"$check_out")
+    PLAN_TEXT=$(sed '$d' <<<"$check_out")
+    case "$check_rc:$check_line" in
+        0:*) PLAN_LINE="memory check: $check_line" ;;
+        1:"error: --device-type: "*) die "HL_PLAN_DEVICE_TYPE: ${check_line#error: --device-type: }" ;;
+        1:"error: --device-memory-gb "*) die "HL_PLAN_DEVICE_MEMORY_GB ${check_line#error: --device-memory-gb }" ;;
+        1:"error: the training flags are invalid: "*)
+            [[ "$CHECK_MODE" == report ]] || die "HL_PRECHECK: ${check_line#error: } (HL_PRECHECK=0 skips this check)"
+            PLAN_LINE="no plan: ${check_line#error: }" ;;
+        3:*)
+            if ((PLAN_OVERRIDE == 1)); then
+                PLAN_WARN="HL_PLAN_OVERRIDE=1: launching although the layout $check_line"
+            else
+                [[ "$CHECK_MODE" == report ]] || die "the layout $check_line; HL_PLAN_OVERRIDE=1 launches it anyway"
+                PLAN_LINE="a launch stops here: the layout $check_line; HL_PLAN_OVERRIDE=1 launches it anyway"
+            fi ;;
+        4:"no memory plan: the device model is unknown"*)
+            PLAN_LINE="$check_line; the memory check needs HL_PLAN_DEVICE_TYPE"
+            PLAN_NOTE="$check_line; launching without the memory check (HL_PLAN_DEVICE_TYPE enables it)" ;;
+        4:*)
+            PLAN_LINE=$check_line
+            PLAN_NOTE="$check_line; launching without the memory check" ;;
+        *)
+            why=${check_line#error: }
+            why=${why:-exit status $check_rc}
+            [[ "$CHECK_MODE" == report ]] ||
+                die "HL_PRECHECK: HL_PYTHON ($PYTHON_BIN) cannot run the check ($why); set HL_PYTHON, or HL_PRECHECK=0 to skip the check"
+            PLAN_LINE="no plan: HL_PYTHON ($PYTHON_BIN) cannot run the check ($why)" ;;
+    esac
 fi
 
 if ((DRY_RUN == 1)); then
     print_settings
     print_command
+    echo "# plan"
+    [[ -z "$PLAN_TEXT" ]] || printf '%s\n' "$PLAN_TEXT"
+    [[ -z "$PLAN_LINE" ]] || printf '%s\n' "$PLAN_LINE"
+    [[ -z "$PLAN_WARN" ]] || warn "$PLAN_WARN"
     exit 0
 fi
 
@@ -849,6 +897,9 @@ if ((REDIRECT_LOGS == 1)); then
 fi
 print_settings
 print_command
+[[ "$PLAN_LINE" != "memory check: "* ]] || echo "# $PLAN_LINE"
+[[ -z "$PLAN_NOTE" ]] || note "$PLAN_NOTE"
+[[ -z "$PLAN_WARN" ]] || warn "$PLAN_WARN"
 if [[ "$LAUNCHER_TYPE" == torchrun ]]; then
     for kv in ${TOOL_ENV[@]+"${TOOL_ENV[@]}"} ${RANK_ENV[@]+"${RANK_ENV[@]}"}; do export "${kv?}"; done
 fi
