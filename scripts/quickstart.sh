@@ -119,6 +119,12 @@ export HL_DRY_RUN=${QUICKSTART_DRY_RUN:-${HL_DRY_RUN:-0}}
 bash examples/deepseek/pretrain_deepseek.sh
 [ "$HL_DRY_RUN" = 1 ] && exit 0
 
+step "what the model learned: a greedy continuation"
+PROMPT=${QUICKSTART_PROMPT:-"Return the number of"}
+echo "prompt: $PROMPT"
+"$VENV/bin/python" tools/generate.py --load "$HL_RESULTS_DIR/checkpoints" --tokenizer-model "$TOKENIZER" \
+    --prompt "$PROMPT" --max-new-tokens 24 || echo "quickstart: generation failed (training succeeded)" >&2
+
 step "done"
 echo "corpus:      $OUT/corpus.jsonl"
 echo "tokenizer:   $TOKENIZER"
