@@ -88,6 +88,7 @@ def parse_args(argv: Optional[Sequence[str]], world_size: int, check_paths: bool
                 v[key] = value
     notes = _compat_notes(explicit)
     _static_moe_for_lazy_mode(v, explicit, notes)
+    _dispatcher_for_wide_expert_parallelism(v, explicit, notes)
     parallel = _parallel_config(v, notes)
     grid = RankGrid.from_config(parallel, world_size)
     model = model_config_from_flags(v, explicit, preset, _provisional_vocab(v, preset), notes)
@@ -139,6 +140,18 @@ def _static_moe_for_lazy_mode(v: Dict[str, Any], explicit: Set[str], notes: List
         notes.append("HPU lazy mode with dropless or unpadded MoE: expert batch sizes depend on the routing, so graphs "
                      "recompile as routing changes; --moe-expert-capacity-factor with --moe-pad-expert-input-to-capacity "
                      "(and alltoall) keeps shapes static")
+
+
+def _dispatcher_for_wide_expert_parallelism(v: Dict[str, Any], explicit: Set[str], notes: List[str]) -> None:
+    """The all-gather dispatcher holds EP x tokens x min(top-k, local experts) rows per rank (every
+    rank's tokens); beyond EP 2 that outgrows the all-to-all's tokens x top-k. Megatron's default
+    (allgather) therefore becomes alltoall there, unless the user chose a dispatcher."""
+    if v["expert_model_parallel_size"] > 2 and "moe_token_dispatcher_type" not in explicit:
+        if v["moe_token_dispatcher_type"] != "alltoall":
+            v["moe_token_dispatcher_type"] = "alltoall"
+            notes.append(f"--expert-model-parallel-size {v['expert_model_parallel_size']}: the all-to-all token "
+                         "dispatcher is used (the all-gather one would hold every rank's tokens); set "
+                         "--moe-token-dispatcher-type to choose")
 
 
 def _parallel_config(v: Mapping[str, Any], notes: List[str]) -> ParallelConfig:

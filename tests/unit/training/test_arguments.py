@@ -405,3 +405,12 @@ def test_data_args_files_give_the_same_blend(tmp_path):
     assert "--data-args-path" in err(no_data + ["--data-args-path", str(tmp_path / "missing.txt")])
     (tmp_path / "bad.txt").write_text(f"0.5 {tmp_path}/missing\n")
     assert f"{tmp_path}/missing.bin" in err(no_data + ["--data-args-path", str(tmp_path / "bad.txt")])
+
+
+def test_wide_expert_parallelism_defaults_to_alltoall():
+    run = parse_args(TINY + ["--expert-model-parallel-size", "4"], world_size=4)
+    assert run.distributed.moe_token_dispatcher_type == "alltoall"
+    assert any("all-to-all token dispatcher is used" in n for n in run.notes)
+    chosen = parse_args(TINY + ["--expert-model-parallel-size", "4", "--moe-token-dispatcher-type", "allgather"], world_size=4)
+    assert chosen.distributed.moe_token_dispatcher_type == "allgather"
+    assert parse_args(TINY + ["--expert-model-parallel-size", "2"], world_size=2).distributed.moe_token_dispatcher_type == "allgather"
