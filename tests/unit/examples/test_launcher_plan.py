@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "examples" / "deepseek" / "pretrain_deepseek.sh"
 QUICKSTART = ROOT / "scripts" / "quickstart.sh"
+README = ROOT / "examples" / "deepseek" / "README.md"
 NEAREST = "nearest layouts that fit on 2 devices (fewest changed settings, then fastest): "
 
 
@@ -143,21 +144,28 @@ def test_dry_run_reports_the_refusal_and_hl_precheck_applies_it(tmp_path):
     assert len(over.err.splitlines()) == 1
 
 
-def test_a_large_preset_on_8_h100(tmp_path):
-    """DeepSeek-V2-Lite, EP 8 without recompute, on 8 H100: refused, nearest layouts named."""
-    env = {"HL_PLAN_DEVICE_TYPE": "h100", "HL_DEVICE": "cuda", "HL_MODEL": "v2-lite", "HL_DEVICES_PER_NODE": "8",
-           "HL_DP": "8", "HL_EP": "8", "HL_DTYPE": "bf16", "HL_SEQ_LEN": "4096", "HL_MICRO_BATCH": "1",
-           "HL_GBS": "256", "HL_MTP_NUM_LAYERS": None, "HL_VOCAB_SIZE": "102399", "HL_USE_DISTRIBUTED_OPTIMIZER": "1",
-           "HL_PRECHECK": "1"}
-    r = dry_run(tmp_path, env)
-    [line] = r.error_lines()
-    assert line.startswith("pretrain_deepseek.sh: error: the layout does not fit on NVIDIA H100 SXM (80 GB): "
-                           "predicted peak ")
-    assert "nearest layouts that fit on 8 devices (fewest changed settings, then fastest): " in line
-    assert "[recompute none->full uniform 1]" in line  # one change away: full recompute
-    ok = dry_run(tmp_path, {**env, "HL_CKP_ACT": "1"})
-    assert ok.rc == 0, ok.err
-    assert ok.plan[-1].startswith("memory check: fits on NVIDIA H100 SXM (80 GB): peak ")
+def _readme_example() -> Dict[str, str]:
+    """The HL_* settings of the example under "Before a launch" in the README, and its refusal line."""
+    text = README.read_text()
+    section = text[text.index("### Before a launch: the launcher's memory check"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    settings = dict(re.findall(r"\b(HL_[A-Z0-9_]+)=(\S+)", block))
+    refusal = re.search(r"```text\n(.*?)```", section, re.S).group(1)
+    return {**settings, "refusal": " ".join(refusal.split("\n")).strip()}
+
+
+def test_a_large_preset_on_8_h100_as_the_readme_shows(tmp_path):
+    """DeepSeek-V2-Lite, EP 8, on 8 H100: fits with full recompute (the README's example; the docs
+    test runs it), refused without it with the line the README shows."""
+    example = _readme_example()
+    refusal = example.pop("refusal")
+    assert example.pop("HL_CKP_ACT") == "1" and example["HL_PLAN_DEVICE_TYPE"] == "h100"
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "HL_PYTHON": sys.executable,
+           "HL_RESULTS_DIR_PREFIX": str(tmp_path / "res"), "HL_PRECHECK": "1", **example}
+    r = Run(subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300))
+    assert r.rc != 0 and r.tokens == []
+    assert r.error_lines() == [refusal]
+    assert "[recompute none->full uniform 1]" in refusal  # one change away: full recompute
 
 
 @pytest.mark.parametrize("env, needle", [
