@@ -6,6 +6,7 @@ This module lives in megatron.training, so it may read os.environ (megatron.core
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import random
 from typing import Mapping, Optional, Tuple
@@ -67,6 +68,10 @@ def initialize_distributed(device_kind: str = "auto", timeout_minutes: int = 10,
     else:
         port = str(_free_port()) if world == 1 else _DEFAULT_PORT
     backend = device.dist_backend if world > 1 else "gloo"
+    # torch.distributed.nn.functional binds `group=group.WORLD` as a default argument when it is
+    # first imported (torch.compile / torch._dynamo import it). Imported after the group exists,
+    # it would hold the world group past destroy_process_group (see destroy_distributed).
+    import torch.distributed.nn.functional  # noqa: F401
     dist.init_process_group(
         backend,
         init_method=f"tcp://{addr}:{port}",
@@ -110,5 +115,12 @@ def set_random_seeds(seed: int, pp_rank: int = 0, device: Optional[Device] = Non
 
 
 def destroy_distributed() -> None:
+    """Destroy every process group and free the group objects now.
+
+    gloo's worker threads are joined only when its group objects are freed. Left to interpreter
+    shutdown, a worker still dropping its last collective's tensors needs the GIL while Python is
+    finalising, and the process aborts ("terminate called without an active exception") after a
+    successful run. Callers drop their own references to the groups first."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()

@@ -468,6 +468,11 @@ def pretrain(argv: Optional[List[str]] = None, forward_step_func: Optional[Forwa
             signal.signal(signal.SIGTERM, previous)
         if r is not None:
             r.logger.close()
+            # The gradient hooks close a reference cycle through autograd (parameter -> hook ->
+            # DDP -> parameter) that Python's collector cannot see: without removing them the
+            # model, and the process groups it holds, would live until interpreter shutdown.
+            r.stage.ddp.remove_hooks()
+            r = None
         while _held_locks:
             _checkpointing().release_save_lock(_held_locks.pop())
         if owns_group:
