@@ -71,12 +71,20 @@ def launch(env: Dict[str, str], timeout: int = 600) -> Tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def _terminal_signals() -> None:
+    # A terminal's foreground job starts with the default SIGINT / SIGQUIT handling. A test run
+    # started in the background of a non-interactive shell (nohup ... &) ignores them, and a shell
+    # cannot trap a signal that was ignored when it started.
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start(env: Dict[str, str], output: Path) -> subprocess.Popen:
     """Start the launcher in a process group of its own (as a shell starts a foreground job), its
     output going to `output`."""
     with open(output, "w") as out:
         return subprocess.Popen(["bash", str(SCRIPT)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_terminal_signals)
 
 
 def wait_for(output: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> None:
