@@ -22,22 +22,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEAK_RSS = os.path.join(REPO, "scripts", "peak_rss.py")  # runs a script, prints its peak RSS (kB) last
 GOLDEN_TOKENIZER = os.path.join(REPO, "tests", "data", "golden", "preprocess", "input", "tokenizer")
 
-_REPORT_PEAK = """
-import runpy, sys
-sys.argv = sys.argv[1:]
-code = 0
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as exc:
-    code = exc.code
-import resource
-with open("/proc/self/status") as f:
-    own = int([line.split()[1] for line in f if line.startswith("VmHWM:")][0])
-print(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))  # kB: this process or its largest worker
-sys.exit(code)
-"""
 
 WORDS = ("the of and to in is was for on that with as by at from model token expert layer router gate attention "
          "mixture sparse dense rope scale norm loss batch sequence parallel pipeline training data corpus").split()
@@ -60,7 +47,7 @@ def write_document(path: str, megabytes: float, newlines: bool, seed: int = 0) -
 
 
 def run(path: str, prefix: str, workers: int) -> tuple[float, float]:
-    cmd = [sys.executable, "-c", _REPORT_PEAK, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", path,
+    cmd = [sys.executable, PEAK_RSS, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", path,
            "--output-prefix", prefix, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", GOLDEN_TOKENIZER,
            "--append-eod", "--workers", str(workers)]
     start = time.perf_counter()

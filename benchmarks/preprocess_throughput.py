@@ -27,25 +27,8 @@ import time
 from typing import List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEAK_RSS = os.path.join(REPO, "scripts", "peak_rss.py")  # runs a script, prints its peak RSS (kB) last
 GOLDEN_INPUT = os.path.join(REPO, "tests", "data", "golden", "preprocess", "input")
-
-# Runs a tool script, then prints its own peak RSS (VmHWM, kB) on stdout's last line: wait4's
-# ru_maxrss would include the pre-exec size of the forking parent.
-_REPORT_PEAK = """
-import runpy, sys
-sys.argv = sys.argv[1:]
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(sys.argv[0]))))
-code = 0
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as exc:
-    code = exc.code
-import resource
-with open("/proc/self/status") as f:
-    own = int([line.split()[1] for line in f if line.startswith("VmHWM:")][0])
-print(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))  # kB: this process or its largest worker
-sys.exit(code)
-"""
 
 
 def repeat_corpus(source: str, target: str, megabytes: float) -> None:
@@ -75,7 +58,7 @@ def run_tool(root: str, flags: List[str], pythonpath: Optional[str]) -> dict:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-c", _REPORT_PEAK, os.path.join(root, "tools", "preprocess_data.py"), *flags]
+    cmd = [sys.executable, PEAK_RSS, os.path.join(root, "tools", "preprocess_data.py"), *flags]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -29,6 +29,8 @@ import pytest
 from tests.unit.tools.preprocess_testlib import REPO_ROOT
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+PEAK_RSS = os.path.join(REPO_ROOT, "scripts", "peak_rss.py")  # runs a script, prints its peak RSS (kB) last
+
 pytestmark = pytest.mark.slow
 
 
@@ -61,24 +63,10 @@ def _generate(path: str, words: list, megabytes: float) -> tuple[int, int]:
     return size, lines
 
 
-_REPORT_PEAK = """
-import runpy, sys
-sys.argv = sys.argv[1:]
-code = 0
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as exc:
-    code = exc.code
-import resource
-with open("/proc/self/status") as f:
-    own = int([line.split()[1] for line in f if line.startswith("VmHWM:")][0])
-print(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))  # kB: the tool or its largest worker
-sys.exit(code)
-"""
 
 
 def _peak_rss_mb(folder: str, data: str, prefix: str) -> float:
-    cmd = [sys.executable, "-c", _REPORT_PEAK, os.path.join(REPO_ROOT, "tools", "preprocess_data.py"), "--input", data,
+    cmd = [sys.executable, PEAK_RSS, os.path.join(REPO_ROOT, "tools", "preprocess_data.py"), "--input", data,
            "--output-prefix", prefix, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", f"{folder}/vocab.json",
            "--merge-file", f"{folder}/merges.txt", "--append-eod", "--workers", "2", "--log-interval", "1000000"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
