@@ -1,8 +1,8 @@
 """DeepSeekMoE at inference: the same routing and experts as `MoELayer`, never dropping a token.
 
 Training may cap each expert's load (capacity factor); generation must not, or a token's output
-would depend on what else is in the batch. Routing reuses `compute_routing` with the layer's gate
-weight and expert bias (fp32, as the training router); the routed experts are the layer's own
+would depend on what else is in the batch. Routing is the layer's own router (`TopKRouter.route`:
+fp32 gate, expert bias, no load counters or aux losses); the routed experts are the layer's own
 `GroupedExperts`. Two dispatch forms, with identical results:
 
 - dynamic (CPU, CUDA): all T * k assignments sorted by expert, grouped GEMM over the real counts;
@@ -16,10 +16,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from megatron.core.config import MoEConfig
-from megatron.core.transformer.moe.router import compute_routing
 from megatron.core.transformer.moe.token_dispatcher import TokenDispatcher
 
 
@@ -51,18 +49,7 @@ def dropless_moe(moe_layer: torch.nn.Module, config: MoEConfig, hidden: torch.Te
     """
     shape = hidden.shape
     flat = hidden.reshape(-1, shape[-1])  # [T, H]
-    router = moe_layer.router
-    logits = F.linear(flat.float(), router.weight.float())  # [T, E] fp32, as the training router
-    probs, indices, _ = compute_routing(
-        logits,
-        score_function=config.score_function,
-        topk=config.topk,
-        num_groups=config.num_groups,
-        group_topk=config.group_topk,
-        norm_topk_prob=config.norm_topk_prob,
-        routed_scaling_factor=config.routed_scaling_factor,
-        expert_bias=router.expert_bias,
-    )
+    _, probs, indices, _ = moe_layer.router.route(flat)  # the training router's rule, without its counters
     num_experts, experts = config.num_experts, moe_layer.experts
     if static:
         dispatcher: TokenDispatcher = _FullCapacityDispatcher(num_experts, config.topk)

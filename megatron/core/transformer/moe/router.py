@@ -156,6 +156,23 @@ class TopKRouter(nn.Module):
         self.local_tokens_per_expert.zero_()
 
     # ---- forward --------------------------------------------------------------------------------
+    def route(self, flat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routing rule alone (no load counting, no aux losses), for flat tokens [T, H]:
+        (logits [T, E] fp32, probs [T, k], indices [T, k], scores [T, E])."""
+        moe = self.config
+        logits = F.linear(flat.float(), self.weight.float())  # [T, E] fp32
+        probs, indices, scores = compute_routing(
+            logits,
+            score_function=moe.score_function,
+            topk=moe.topk,
+            num_groups=moe.num_groups,
+            group_topk=moe.group_topk,
+            norm_topk_prob=moe.norm_topk_prob,
+            routed_scaling_factor=moe.routed_scaling_factor,
+            expert_bias=self.expert_bias,
+        )
+        return logits, probs, indices, scores
+
     def forward(self, hidden: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> RouterOutput:
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"router expects hidden size {self.hidden_size}, got input of shape {tuple(hidden.shape)}")
@@ -171,18 +188,7 @@ class TopKRouter(nn.Module):
                 raise ValueError(f"token_mask of shape {tuple(token_mask.shape)} does not match {batch}x{seq} tokens")
             flat_mask = token_mask.reshape(-1).to(device=hidden.device, dtype=torch.bool)
 
-        moe = self.config
-        logits = F.linear(hidden.reshape(-1, self.hidden_size).float(), self.weight.float())  # [T, E] fp32
-        probs, indices, scores = compute_routing(
-            logits,
-            score_function=moe.score_function,
-            topk=moe.topk,
-            num_groups=moe.num_groups,
-            group_topk=moe.group_topk,
-            norm_topk_prob=moe.norm_topk_prob,
-            routed_scaling_factor=moe.routed_scaling_factor,
-            expert_bias=self.expert_bias,
-        )
+        logits, probs, indices, scores = self.route(hidden.reshape(-1, self.hidden_size))
         counting = self.local_tokens_per_expert is not None and self.training and torch.is_grad_enabled()
         with torch.no_grad():
             tokens_per_expert = lb.expert_counts(indices, self.num_experts, flat_mask)
