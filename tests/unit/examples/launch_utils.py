@@ -19,6 +19,12 @@ REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "examples" / "deepseek" / "pretrain_deepseek.sh"
 RSH_AGENT = REPO / "scripts" / "local_rsh_agent.sh"
 
+
+def launcher_text() -> str:
+    """The launcher's source: pretrain_deepseek.sh and the parts it sources from launcher/."""
+    parts = sorted((SCRIPT.parent / "launcher").glob("*.sh"))
+    return "\n".join(p.read_text() for p in [SCRIPT, *parts])
+
 _LAUNCHER_VARS = ("HL_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_", "PMI_", "TORCHELASTIC_", "ENV_FLAGS")
 
 

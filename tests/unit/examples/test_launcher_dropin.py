@@ -13,6 +13,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from tests.unit.examples.launch_utils import launcher_text
+
 ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "examples" / "deepseek" / "pretrain_deepseek.sh"
 README = ROOT / "examples" / "deepseek" / "README.md"
@@ -301,14 +303,14 @@ def test_strict_env_makes_unknown_variables_an_error(tmp_path):
 
 
 def _known_vars() -> List[str]:
-    text = SCRIPT.read_text()
+    text = launcher_text()
     block = re.search(r"^KNOWN_VARS=\((.*?)^\)", text, re.S | re.M)
     assert block, "KNOWN_VARS list not found"
     return block.group(1).split()
 
 
 def test_known_variable_list_is_what_the_script_reads():
-    text = SCRIPT.read_text()
+    text = launcher_text()
     known = _known_vars()
     assert len(known) == len(set(known))
     body = re.sub(r"^KNOWN_VARS=\(.*?^\)", "", text, flags=re.S | re.M)

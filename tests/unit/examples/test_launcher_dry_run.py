@@ -16,6 +16,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from tests.unit.examples.launch_utils import launcher_text
+
 ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "examples" / "deepseek" / "pretrain_deepseek.sh"
 QUICKSTART = ROOT / "scripts" / "quickstart.sh"
@@ -317,7 +319,7 @@ def test_preset_alias_and_unknown(launch):
 def test_preset_table_matches_presets_module():
     from megatron.core.models.deepseek.presets import PRESETS
 
-    text = SCRIPT.read_text()
+    text = launcher_text()
     for name, cfg in PRESETS.items():
         m = re.search(rf"^\s*{re.escape(name)} ?(\|[^)]*)?\) echo \"(\S+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)\"",
                       text, re.M)
