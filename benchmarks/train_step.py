@@ -5,9 +5,12 @@
     python benchmarks/train_step.py --iters 10 --profile --json out.json
     python benchmarks/train_step.py --no-compile         # eager only
 
-Four variants run in one process on the same weights and batch: HF eager, ours eager, HF compiled
-(`torch.compile(model)` with the device's backend) and ours compiled (`compile_model`: one region
-per decoder layer / MTP depth / loss head). Compiled variants compile during warmup.
+Five variants run in one process on the same weights and batch: HF eager, ours eager, HF compiled
+(`torch.compile(model)` with the device's backend), ours compiled (`compile_model`: one region
+per decoder layer / MTP depth / loss head) and `ours_blas`: ours eager with
+`--use-onednn-linear false`, i.e. fp32 CPU GEMMs through torch's default BLAS like HF's, which
+separates what the GEMM library brings from what the model code brings. Compiled variants
+compile during warmup.
 
 One process builds a random HF DeepseekV3ForCausalLM from the flags' config, saves it, and loads
 it back twice: with transformers and through our converter (load_hf_checkpoint), so both run the
@@ -16,7 +19,8 @@ in machine load hit all alike); each step is loss -> backward -> grads set to No
 comparison is the model). The losses of the first step are printed to show the work is the same.
 
 Peak memory: each variant runs in its own subprocess, which first runs one step (compiled variants
-compile there, outside the measured window; every variant alike). On CPU, the kernel's peak-RSS
+compile there, kernels JIT their code, libraries fill their caches: outside the measured window,
+every variant alike). On CPU, the kernel's peak-RSS
 counter (VmHWM) is then reset through /proc/self/clear_refs and 2 steps run; the figure is VmHWM
 minus the RSS before them, i.e. activations + gradients + temporaries of a step. The child runs
 with MALLOC_MMAP_THRESHOLD_=65536 so every tensor of 64 KiB or more is its own mapping, returned
@@ -32,7 +36,8 @@ multiply-add as 2 FLOPs, n heads, d_qk = nope + rope, s = sequence length:
     MoE MLP                 2 * 3 * H * moe_ffn * (topk + n_shared) + 2 * H * E (router)
     output head             2 * H * V
 summed over layers (+ MTP depths: 2 * 2H * H + one MoE layer + head each). Only active experts
-count. Achieved FLOP/s = FLOPs per token * tokens/s; the peak is a timed large fp32/bf16 matmul.
+count. Achieved FLOP/s = FLOPs per token * tokens/s; the peak is a timed large fp32/bf16 matmul, the
+faster of torch.mm and (CPU fp32) oneDNN's GEMM.
 """
 
 from __future__ import annotations
@@ -53,11 +58,11 @@ if _REPO_ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from megatron.core.config import DeepSeekConfig, MLAConfig, MoEConfig, RopeConfig  # noqa: E402
+from megatron.core.config import DeepSeekConfig, KernelConfig, MLAConfig, MoEConfig, RopeConfig  # noqa: E402
 from megatron.training.flops import flops_per_token  # noqa: E402  (one FLOP count for logs and benchmarks)
 
 
-VARIANTS = ("hf", "ours", "hf_compiled", "ours_compiled")
+VARIANTS = ("hf", "ours", "hf_compiled", "ours_compiled", "ours_blas")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,15 +116,22 @@ def build_config(a: argparse.Namespace) -> DeepSeekConfig:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, sync: Callable[[], None], n: int = 2048, reps: int = 8) -> float:
-    """Best FLOP/s of an n x n x n matmul."""
+    """Best FLOP/s of an n x n x n matmul, through torch.mm and, where it applies, oneDNN."""
+    from megatron.core.device import device_of
+
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    gemms = [torch.mm]
+    onednn = device_of(a).onednn_gemm(a, b)
+    if onednn is not None:
+        gemms.append(lambda x, y: onednn.linear(x, y.t()))
     best = float("inf")
-    for _ in range(reps + 1):
-        sync()
-        t = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        best = min(best, time.perf_counter() - t)
+    for gemm in gemms:
+        for _ in range(reps + 1):
+            sync()
+            t = time.perf_counter()
+            gemm(a, b)
+            sync()
+            best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
 
@@ -138,7 +150,8 @@ def load_models(which: List[str], path: str, dtype: torch.dtype, device: torch.d
             if kind.endswith("_compiled"):
                 model = torch.compile(model, backend=get_device(device.type).compile_backend())
         else:
-            model = load_hf_checkpoint(path, dtype, device)[0].train()
+            overrides = {"kernels": KernelConfig(use_onednn_linear=False)} if kind == "ours_blas" else {}
+            model = load_hf_checkpoint(path, dtype, device, **overrides)[0].train()
             if kind.endswith("_compiled"):
                 model = compile_model(model)
         models[kind] = model
@@ -185,8 +198,9 @@ def memory_child(a: argparse.Namespace, device: torch.device, dtype: torch.dtype
     model = load_models([a._memory_child], a._dir, dtype, device, a.hf_attn)[a._memory_child]
     inputs, labels = make_batch(a, model.config.vocab_size, device)
     step = make_step(a._memory_child, model, inputs, labels)
-    if a._memory_child.endswith("_compiled"):
-        step()  # compile outside the measured window (the compiler's own memory is not a step's)
+    # One step outside the measured window, for every variant alike: compilation, kernel JIT
+    # code and library caches are one-off costs, not a step's.
+    step()
     gc.collect()
     if device.type == "cpu":
         with open("/proc/self/clear_refs", "w") as f:
@@ -210,7 +224,8 @@ def memory_child(a: argparse.Namespace, device: torch.device, dtype: torch.dtype
 def measure_memory(a: argparse.Namespace, kind: str, path: str) -> Optional[Dict]:
     argv = [sys.executable, os.path.abspath(__file__)] + [x for x in sys.argv[1:] if x != "--profile"]
     argv += ["--_memory_child", kind, "--_dir", path]
-    res = subprocess.run(argv, capture_output=True, text=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # RSS follows the live tensors (module doc)
+    res = subprocess.run(argv, capture_output=True, text=True, env=env)
     for line in res.stdout.splitlines():
         if line.startswith("MEMORY "):
             return json.loads(line[len("MEMORY "):])
@@ -257,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     params = sum(p.numel() for p in init.parameters())
     init.save_pretrained(tmp.name)
     del init
-    variants = ["hf", "ours"] if a.no_compile else list(VARIANTS)
+    variants = ["hf", "ours", "ours_blas"] if a.no_compile else list(VARIANTS)
     models = load_models(variants, tmp.name, dtype, device, a.hf_attn)
     inputs, labels = make_batch(a, config.vocab_size, device)
     steps = {k: make_step(k, m, inputs, labels) for k, m in models.items()}
@@ -302,6 +317,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         res["speedup_ours_compiled_over_hf_compiled"] = (
             res["ours_compiled"]["tokens_per_s"] / res["hf_compiled"]["tokens_per_s"])
         res["speedup_hf_compiled_over_hf"] = res["hf_compiled"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
+    res["speedup_ours_blas_over_hf"] = res["ours_blas"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
     res["cpu_pressure"] = _cpu_pressure()
     res["load_avg_end"] = os.getloadavg()[0]
     del models, steps
@@ -326,6 +342,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"ours compiled / hf eager {res['speedup_ours_compiled_over_hf']:.2f}x, "
               f"ours compiled / hf compiled {res['speedup_ours_compiled_over_hf_compiled']:.2f}x, "
               f"hf compiled / hf eager {res['speedup_hf_compiled_over_hf']:.2f}x (medians)")
+    print(f"ours with torch's default BLAS (--use-onednn-linear false) / hf eager {res['speedup_ours_blas_over_hf']:.2f}x")
     print(f"load average {load_start:.2f} at start, {res['load_avg_end']:.2f} at end")
     if res["cpu_pressure"] is not None and res["cpu_pressure"] > 5.0:
         print(f"WARNING: CPU pressure {res['cpu_pressure']:.0f}% (other processes compete for cores): timings are unreliable")

@@ -189,6 +189,8 @@ class KernelConfig:
     use_fused_rmsnorm: bool = flag_field(True, "--use-fused-rmsnorm")  # HPU FusedRMSNorm
     # torch grouped_mm where available, else a loop over experts
     use_grouped_gemm: bool = flag_field(True, "--moe-grouped-gemm")
+    # fp32 linear-layer GEMMs on CPU through oneDNN instead of torch's default BLAS (megatron.core.onednn)
+    use_onednn_linear: bool = flag_field(True, "--use-onednn-linear")
     # Intel's fused RoPE on HPU where it fits MLA's rope layout (Megatron's --no-rope-fusion turns it off)
     use_fused_rope: bool = flag_field(True, "--no-rope-fusion", derived=True)
     # HPU lazy mode: end the accumulated graph after every decoder layer (smaller graphs that

@@ -247,6 +247,17 @@ class Device:
         except (AttributeError, RuntimeError):
             return None
 
+    def onednn_gemm(self, *tensors: torch.Tensor) -> Optional[ModuleType]:
+        """`megatron.core.onednn` (fp32 GEMMs run by oneDNN instead of the default BLAS) on CPU when
+        torch has oneDNN and every given tensor is fp32, else None (callers use torch's ops)."""
+        if self.kind != "cpu":
+            return None
+        from megatron.core import onednn
+
+        if not onednn.available() or any(t.dtype != torch.float32 for t in tensors):
+            return None
+        return onednn
+
     def compile_backend(self) -> str:
         """torch.compile backend: Intel's "hpu_backend" on Gaudi (registered when
         habana_frameworks.torch imports), inductor on CUDA and CPU."""

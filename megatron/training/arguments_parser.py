@@ -418,6 +418,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     a("--use-fused-sdpa-with-recompute", type=str_to_bool, default=False)
     a("--use-fast-softmax", type=str_to_bool, default=True)
     a("--use-fused-rmsnorm", type=str_to_bool, default=True)
+    a("--use-onednn-linear", type=str_to_bool, default=True,
+      help="CPU: run the fp32 GEMMs of linear layers through oneDNN instead of torch's default BLAS.")
     a("--no-rope-fusion", action="store_false", dest="apply_rope_fusion", default=True,
       help="Do not use Intel's fused RoPE kernel on HPU (the torch formula instead).")
     a("--mark-step-per-layer", action="store_true",

@@ -57,16 +57,19 @@ def peak_flops(device_kind: str, device_name: str, dtype: str) -> Optional[float
     return None
 
 
-def measured_matmul_peak(dtype, n: int = 1024, reps: int = 3) -> float:
-    """Best FLOP/s of an n^3 CPU matmul (the MFU reference on CPU and unknown devices)."""
+def measured_matmul_peak(dtype, use_onednn: bool = True, n: int = 1024, reps: int = 3) -> float:
+    """Best FLOP/s of an n^3 CPU matmul (the MFU reference on CPU and unknown devices), run by the
+    GEMM the model's linear layers use (`dense_linear`: oneDNN for fp32 unless `use_onednn` is off)."""
     import time
 
     import torch
+
+    from megatron.core.tensor_parallel import dense_linear
 
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     best = float("inf")
     for _ in range(reps + 1):
         t = time.perf_counter()
-        torch.mm(a, b)
+        dense_linear(a, b, None, use_onednn)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best

@@ -277,7 +277,9 @@ def _missing_checkpoint(run: RunConfig) -> None:
 # ---- setup / loop --------------------------------------------------------------------------------
 def _peak(run: RunConfig, device: Any) -> float:
     peak = peak_flops(device.kind, device.device_name(), run.model.params_dtype)
-    return peak if peak is not None else measured_matmul_peak(getattr(torch, run.model.params_dtype))
+    if peak is not None:
+        return peak
+    return measured_matmul_peak(getattr(torch, run.model.params_dtype), run.model.kernels.use_onednn_linear)
 
 
 _held_locks: List[Any] = []  # save-directory locks of this process, released when pretrain ends

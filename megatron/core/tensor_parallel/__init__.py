@@ -6,9 +6,11 @@ Process groups are passed explicitly (``ParallelState.group("tp")``); a group of
 from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear,
+    Linear,
     RowParallelLinear,
     VocabParallelEmbedding,
     allreduce_sequence_parallel_grads,
+    dense_linear,
     normal_init,
     shard_tensor,
 )
@@ -33,9 +35,11 @@ from megatron.core.tensor_parallel.random import (
 
 __all__ = [
     "ColumnParallelLinear",
+    "Linear",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "allreduce_sequence_parallel_grads",
+    "dense_linear",
     "normal_init",
     "shard_tensor",
     "vocab_parallel_cross_entropy",

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import communication as comm
+from megatron.core.device import device_of
 from torch import Tensor, nn
 
 from megatron.core.tensor_parallel.mappings import (
@@ -49,6 +50,26 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 InitMethod = Callable[[Tensor, Optional[torch.Generator]], None]
+
+
+def dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, use_onednn: bool = True) -> Tensor:
+    """F.linear(x, weight, bias). With `use_onednn`, fp32 GEMMs on CPU run through oneDNN where the
+    device layer has it (`megatron.core.onednn`: about 2x torch's default BLAS on AMD CPUs)."""
+    gemm = device_of(x).onednn_gemm(x, weight) if use_onednn else None
+    if gemm is not None:
+        return gemm.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) whose GEMMs go through `dense_linear`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, use_onednn: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.use_onednn = use_onednn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dense_linear(x, self.weight, self.bias, self.use_onednn)
 
 
 def normal_init(std: float = 0.02) -> InitMethod:
@@ -140,9 +161,11 @@ class ColumnParallelLinear(nn.Module):
         full_init: bool = True,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
+        use_onednn: bool = True,
     ) -> None:
         super().__init__()
         tp = group_size(group)
+        self.use_onednn = use_onednn  # `dense_linear`
         if gather_output and sequence_parallel:
             raise ValueError("ColumnParallelLinear: gather_output and sequence_parallel cannot both be set")
         self.input_size, self.output_size = input_size, output_size
@@ -166,7 +189,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(x, self.group, self.sequence_dim)
         else:
             x = copy_to_region(x, self.group)  # bwd all-reduce of the partial input grads
-        out = F.linear(x, self.weight, self.bias)
+        out = dense_linear(x, self.weight, self.bias, self.use_onednn)
         return gather_from_region(out, self.group) if self.gather_output else out
 
     def load_full_weight(self, weight: Tensor, bias: Optional[Tensor] = None) -> None:
@@ -205,9 +228,11 @@ class RowParallelLinear(nn.Module):
         full_init: bool = True,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
+        use_onednn: bool = True,
     ) -> None:
         super().__init__()
         tp = group_size(group)
+        self.use_onednn = use_onednn  # `dense_linear`
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True")
         self.input_size, self.output_size = input_size, output_size
@@ -228,7 +253,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.input_is_parallel:
             x = scatter_to_region(x, self.group)
-        partial = F.linear(x, self.weight)  # this rank's share of X A^T: [.., out]
+        partial = dense_linear(x, self.weight, None, self.use_onednn)  # this rank's share of X A^T: [.., out]
         if self.sequence_parallel:
             out = reduce_scatter_to_sequence_parallel_region(partial, self.group, self.sequence_dim)
         else:

@@ -87,15 +87,17 @@ class MultiLatentAttention(nn.Module):
     # ---- linear construction: the one place tensor parallelism swaps in its layers ----------------
     def _replicated_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         """Down-projections into the small latents (q_a_proj, kv_a_proj_with_mqa): full copy per TP rank."""
-        return NO_TENSOR_PARALLEL.column_linear(in_features, out_features, bias, gather_sequence=False)
+        return NO_TENSOR_PARALLEL.column_linear(in_features, out_features, bias, gather_sequence=False,
+                                                use_onednn=self.config.kernels.use_onednn_linear)
 
     def _column_parallel_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         """Head-producing projections (q_proj / q_b_proj, kv_b_proj): output rows split by head under TP."""
-        return self.tp.column_linear(in_features, out_features, bias, gather_sequence=False)
+        return self.tp.column_linear(in_features, out_features, bias, gather_sequence=False,
+                                     use_onednn=self.config.kernels.use_onednn_linear)
 
     def _row_parallel_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         """o_proj: input columns split by head under TP, partial outputs summed (reduce-scattered under SP)."""
-        return self.tp.row_linear(in_features, out_features, bias)
+        return self.tp.row_linear(in_features, out_features, bias, use_onednn=self.config.kernels.use_onednn_linear)
 
     def _fused_rope(self, like: torch.Tensor) -> Optional[object]:
         """Intel's fused RoPE where the device has it and `kernels.use_fused_rope` (default on) allows."""

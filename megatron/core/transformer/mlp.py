@@ -14,7 +14,8 @@ class SwiGLUMLP(nn.Module):
 
     Gate and up projections are one fused weight `gate_up_proj` of shape [2 * ffn, hidden]
     (rows [:ffn] = gate, [ffn:] = up) so the input is read once by a single GEMM;
-    `down_proj` is [hidden, ffn]. Input [..., hidden] -> output [..., hidden].
+    `down_proj` is [hidden, ffn]. Input [..., hidden] -> output [..., hidden]. `use_onednn`: fp32 CPU
+    GEMMs through oneDNN (`KernelConfig.use_onednn_linear`).
 
     Under tensor parallelism gate_up_proj is column-parallel and down_proj row-parallel; each
     rank's gate_up shard must then hold [its gate rows ; its up rows] (see
@@ -27,11 +28,14 @@ class SwiGLUMLP(nn.Module):
         ffn_hidden_size: int,
         bias: bool = False,
         tp: TensorParallelContext = NO_TENSOR_PARALLEL,
+        *,
+        use_onednn: bool,
     ) -> None:
         super().__init__()
         self.ffn_hidden_size = ffn_hidden_size
-        self.gate_up_proj = tp.column_linear(hidden_size, 2 * ffn_hidden_size, bias, gather_sequence=True)
-        self.down_proj = tp.row_linear(ffn_hidden_size, hidden_size, bias)
+        self.gate_up_proj = tp.column_linear(hidden_size, 2 * ffn_hidden_size, bias, gather_sequence=True,
+                                             use_onednn=use_onednn)
+        self.down_proj = tp.row_linear(ffn_hidden_size, hidden_size, bias, use_onednn=use_onednn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

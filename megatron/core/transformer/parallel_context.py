@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Tuple
 import torch.distributed as dist
 from torch import nn
 
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, Linear, RowParallelLinear
 
 if TYPE_CHECKING:
     from megatron.core.parallel_state import ParallelState
@@ -56,12 +56,15 @@ class TensorParallelContext:
         """Activations between blocks are [b, s/tp, h]."""
         return self.enabled and self.sequence_parallel
 
-    def column_linear(self, in_features: int, out_features: int, bias: bool, gather_sequence: bool) -> nn.Module:
+    def column_linear(
+        self, in_features: int, out_features: int, bias: bool, gather_sequence: bool, *, use_onednn: bool
+    ) -> nn.Module:
         """Output features split over TP. `gather_sequence`: the input is a sequence-parallel
         activation [b, s/tp, in] to be all-gathered first (only where a block begins).
+        `use_onednn`: fp32 CPU GEMMs through oneDNN (`KernelConfig.use_onednn_linear`).
         Weights are left for `megatron.core.models.deepseek.init.initialize_parameters`."""
         if not self.enabled:
-            return nn.Linear(in_features, out_features, bias=bias)
+            return Linear(in_features, out_features, bias=bias, use_onednn=use_onednn)
         return ColumnParallelLinear(
             in_features,
             out_features,
@@ -70,12 +73,13 @@ class TensorParallelContext:
             sequence_parallel=self.sequence_split and gather_sequence,
             sequence_dim=SEQUENCE_DIM,
             init_method=None,
+            use_onednn=use_onednn,
         )
 
-    def row_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    def row_linear(self, in_features: int, out_features: int, bias: bool, *, use_onednn: bool) -> nn.Module:
         """Input features split over TP; partial outputs summed (reduce-scattered under SP)."""
         if not self.enabled:
-            return nn.Linear(in_features, out_features, bias=bias)
+            return Linear(in_features, out_features, bias=bias, use_onednn=use_onednn)
         return RowParallelLinear(
             in_features,
             out_features,
@@ -85,6 +89,7 @@ class TensorParallelContext:
             sequence_parallel=self.sequence_split,
             sequence_dim=SEQUENCE_DIM,
             init_method=None,
+            use_onednn=use_onednn,
         )
 
     def mark_sequence_parallel(self, params: Iterable[nn.Parameter]) -> None:

@@ -371,6 +371,11 @@ def test_compat_flags_say_they_have_no_effect():
     assert not parse_args(TINY + ["--no-rope-fusion"], world_size=1).model.kernels.use_fused_rope
 
 
+def test_onednn_linear_flag_reaches_the_model_config() -> None:
+    assert parse_args(TINY, world_size=1).model.kernels.use_onednn_linear
+    assert not parse_args(TINY + ["--use-onednn-linear", "false"], world_size=1).model.kernels.use_onednn_linear
+
+
 def test_core_configs_from_a_run():
     """The training adapters fill core's DDP and optimizer configs from the run's sections."""
     from megatron.training.model_builder import ddp_config, optimizer_config

@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron.core.config import DeepSeekConfig, RecomputeConfig
 from megatron.core.models.deepseek.init import initialize_parameters
 from megatron.core.timers import Timers
-from megatron.core.tensor_parallel import VocabParallelEmbedding, gather_from_region, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import Linear, VocabParallelEmbedding, gather_from_region, vocab_parallel_cross_entropy
 from megatron.core.transformer.parallel_context import SEQUENCE_DIM, SINGLE_DEVICE, ParallelContext
 from megatron.core.transformer.mla import MultiLatentAttention
 from megatron.core.transformer.mlp import SwiGLUMLP
@@ -73,7 +73,8 @@ class DecoderLayer(nn.Module):
             if self.mlp.shared_experts is not None:
                 tp.mark_sequence_parallel(self.mlp.shared_experts.parameters())
         else:
-            self.mlp = SwiGLUMLP(config.hidden_size, config.ffn_hidden_size, tp=tp)
+            self.mlp = SwiGLUMLP(config.hidden_size, config.ffn_hidden_size, tp=tp,
+                                 use_onednn=config.kernels.use_onednn_linear)
         tp.mark_sequence_parallel([self.input_layernorm.weight, self.post_attention_layernorm.weight])
         self.recompute_mlp = False  # selective recompute of the MoE MLP (set by the model)
 
@@ -101,7 +102,7 @@ class MTPDepth(nn.Module):
         self.enorm = RMSNorm(h, eps, use_fused=use_fused)
         self.hnorm = RMSNorm(h, eps, use_fused=use_fused)
         # Replicated: it mixes two H-wide halves of this rank's tokens.
-        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.eh_proj = Linear(2 * h, h, bias=False, use_onednn=config.kernels.use_onednn_linear)
         # Layer index after the main stack: MoE whenever the main stack's MoE rule says so.
         self.layer = DecoderLayer(config, config.num_layers + depth, parallel)
         self.final_layernorm = RMSNorm(h, eps, use_fused=use_fused)
@@ -204,7 +205,8 @@ class DeepSeekModel(nn.Module):
             self.final_layernorm = RMSNorm(h, config.norm_eps, use_fused=config.kernels.use_fused_rmsnorm)
             tp.mark_sequence_parallel([self.final_layernorm.weight])
             # Column-parallel over the vocabulary; gathers the sequence under SP.
-            self.output_layer = tp.column_linear(h, self.padded_vocab_size, False, gather_sequence=True)
+            self.output_layer = tp.column_linear(h, self.padded_vocab_size, False, gather_sequence=True,
+                                                 use_onednn=config.kernels.use_onednn_linear)
             self._mark_vocab_rows(self.output_layer.weight)
             if config.tie_word_embeddings:
                 self.output_layer.weight = self.embedding.weight

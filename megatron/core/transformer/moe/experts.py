@@ -78,7 +78,9 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     """torch's grouped_mm (offs: int32 group ends) as one opaque op with its own backward.
 
     Rows (or, for the 2-D x 2-D form, reduction columns) past offs[-1] are not computed: their
-    output is undefined and callers mask them.
+    output is undefined and callers mask them. (Not routed through oneDNN on CPU, unlike the
+    linear layers: oneDNN builds and caches a kernel per GEMM shape, and the experts' row counts
+    change every step; see megatron.core.onednn.)
     """
     return F.grouped_mm(_kernel_ready(a), _kernel_ready(b), offs=offs)
 
@@ -98,7 +100,12 @@ def _grouped_mm_backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.T
     a, b, offs = ctx.saved_tensors
     grad = grad.contiguous()  # e.g. the zero-stride gradient of out.sum()
     grad_a = grouped_mm(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None  # [N, K]
-    grad_b = grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None  # [E, K, M]
+    grad_b = None
+    if ctx.needs_input_grad[1]:
+        # b is the transposed view of a stacked weight [E, M, K]: compute the gradient in the
+        # weight's own layout, [E, M, K] = grad^T a per group, and hand back its transposed view,
+        # so the weight's gradient arrives contiguous (no [E, M, K] copy when it is accumulated).
+        grad_b = grouped_mm(grad.t(), a, offs).transpose(-2, -1)  # [E, K, M]
     return grad_a, grad_b, None
 
 

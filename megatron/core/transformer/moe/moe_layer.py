@@ -86,7 +86,8 @@ class MoELayer(nn.Module):
         )
         self.shared_experts: Optional[SwiGLUMLP] = None
         if moe.num_shared_experts > 0:
-            self.shared_experts = SwiGLUMLP(config.hidden_size, moe.ffn_hidden_size * moe.num_shared_experts)
+            self.shared_experts = SwiGLUMLP(config.hidden_size, moe.ffn_hidden_size * moe.num_shared_experts,
+                                            use_onednn=config.kernels.use_onednn_linear)
         self.last_stats: Optional[MoEStats] = None
         self.timers: Timers = DISABLED  # "moe-dispatch" / "moe-combine" when the run times its steps
         # Logging window: [E + 1] fp32, routing choices of real tokens per expert summed over the
