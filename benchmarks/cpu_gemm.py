@@ -5,8 +5,8 @@
     python benchmarks/cpu_gemm.py --threads 1 --reps 20
 
 For each shape T x in -> out (a linear layer on T tokens) the three GEMMs of a training step are
-timed, best of `--reps`, alternating the two libraries: forward x W^T, input gradient g W and
-weight gradient g^T x. Then the memory oneDNN keeps per distinct GEMM shape: it builds and caches
+timed, best of `--reps`: forward x W^T, input gradient g W and weight gradient g^T x, the
+gradients through autograd (F.linear's backward vs the oneDNN op's own). Then the memory oneDNN keeps per distinct GEMM shape: it builds and caches
 a kernel for every new shape, so the script runs `--shapes` row counts once each and reports the
 resident-memory growth per shape (the reason the MoE experts, whose row counts change every
 step, stay on torch's grouped kernel).
@@ -65,12 +65,15 @@ def main(argv: List[str] = None) -> int:
     for t, i, o in SHAPES:
         x, w, g = torch.randn(t, i), torch.randn(o, i), torch.randn(t, o)
         flops = 2 * t * i * o
-        cells = []
-        for name, blas, dnn in (("fwd", lambda: torch.mm(x, w.t()), lambda: onednn.linear(x, w)),
-                                ("grad_x", lambda: torch.mm(g, w), lambda: onednn.linear(g, w.t())),
-                                ("grad_w", lambda: torch.mm(g.t(), x), lambda: onednn.linear(g.t(), x.t()))):
-            tb, td = _best(blas, a.reps), _best(dnn, a.reps)
-            cells.append(f"{name} {flops / tb / 1e9:5.0f} / {flops / td / 1e9:5.0f} ({tb / td:.2f}x)")
+        rates = {}
+        for lib, linear in (("blas", torch.nn.functional.linear), ("onednn", onednn.linear)):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y_x, y_w = linear(xr, w), linear(x, wr)  # graphs that differentiate x only / w only
+            rates[lib] = [_best(lambda: linear(x, w), a.reps),
+                          _best(lambda: torch.autograd.grad(y_x, xr, g, retain_graph=True), a.reps),
+                          _best(lambda: torch.autograd.grad(y_w, wr, g, retain_graph=True), a.reps)]
+        cells = [f"{name} {flops / tb / 1e9:5.0f} / {flops / td / 1e9:5.0f} ({tb / td:.2f}x)"
+                 for name, tb, td in zip(("fwd", "grad_x", "grad_w"), rates["blas"], rates["onednn"])]
         print(f"{t:5d} x {i:5d} -> {o:5d}: " + "   ".join(cells))
     x, w = torch.randn(a.shapes + 100, 512), torch.randn(320, 512)
     onednn.linear(x, w)

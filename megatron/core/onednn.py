@@ -77,7 +77,15 @@ def _linear_setup(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> No
 def _linear_backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
     x, weight = ctx.saved_tensors  # [T, in], [out, in]
     grad_x = _linear_2d(grad, weight.t(), None) if ctx.needs_input_grad[0] else None  # [T, out] @ [out, in]
-    grad_weight = _linear_2d(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None  # [out, T] @ [T, in]
+    grad_weight = None
+    if ctx.needs_input_grad[1]:
+        # oneDNN copies a transposed source operand into a plain layout first (its weight operand
+        # may stay transposed), so the smaller of g^T [out, T] and x^T [in, T] is made the source:
+        # wide outputs (the LM head) compute (x^T g)^T and copy the [in, out] result once.
+        if weight.shape[0] > weight.shape[1]:
+            grad_weight = _linear_2d(x.t(), grad.t(), None).t().contiguous()  # [in, T] @ [T, out] -> [out, in]
+        else:
+            grad_weight = _linear_2d(grad.t(), x.t(), None)  # [out, T] @ [T, in]
     grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_x, grad_weight, grad_bias
 

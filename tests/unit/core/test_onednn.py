@@ -33,20 +33,23 @@ def _grads(fn, *tensors: torch.Tensor, grad: torch.Tensor) -> List[torch.Tensor]
 
 
 @needs_onednn
-@pytest.mark.parametrize("layout", ["3d", "transposed", "bias", "empty"])
+@pytest.mark.parametrize("layout", ["3d", "transposed", "bias", "empty", "wide"])
 def test_linear_matches_torch_forward_and_backward(layout: str) -> None:
+    """Narrow (out < in) and wide (out > in: the weight gradient's other operand order) layers."""
     torch.manual_seed(0)
-    w = torch.randn(24, 40)
-    b = torch.randn(24) if layout == "bias" else None
+    out_features = 56 if layout == "wide" else 24
+    w = torch.randn(out_features, 40)
+    b = torch.randn(out_features) if layout == "bias" else None
     x = {"3d": torch.randn(3, 7, 40), "transposed": torch.randn(3, 40, 7).transpose(1, 2),
-         "bias": torch.randn(5, 40), "empty": torch.randn(0, 40)}[layout]
-    grad = torch.randn(*x.shape[:-1], 24)
+         "bias": torch.randn(5, 40), "empty": torch.randn(0, 40), "wide": torch.randn(2, 9, 40)}[layout]
+    grad = torch.randn(*x.shape[:-1], out_features)
     args = (x, w) if b is None else (x, w, b)
     ours = _grads(lambda *t: onednn.linear(*t), *args, grad=grad)
     ref = _grads(lambda *t: F.linear(*t), *args, grad=grad)
     for got, want in zip(ours, ref):
         torch.testing.assert_close(got, want, **TOL)
     assert ours[0].shape == ref[0].shape
+    assert ours[2].is_contiguous()  # the weight gradient, in the weight's layout
 
 
 @needs_onednn
