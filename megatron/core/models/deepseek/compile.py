@@ -19,6 +19,8 @@ Graph breaks (counted by tests/unit/core/models/test_compile.py with dynamo's co
   or capacity drop; one device): none.
 - dropless MoE on one device: none on CPU / CUDA bf16 (the grouped GEMM is the opaque custom op
   `megatron::grouped_mm`), none elsewhere (the tiled fallback has static shapes).
+- fp32 CPU linear layers through oneDNN: none (`megatron::onednn_linear` is an opaque custom op
+  with a shape function, like the grouped GEMM; the compiler fuses the glue around it).
 - TP2 + SP: none (dynamo traces the mappings' collectives as functional collectives).
 - EP with the all-to-all dispatcher: per MoE layer, the host-side split sizes (a data-dependent
   read), the asynchronous all_to_all launches and their Work.wait break the graph (12 breaks over
