@@ -53,7 +53,7 @@ def available() -> bool:
 def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     # x [.., in] (any strides) @ weight[out, in]^T (any strides) + bias -> [.., out], contiguous
     if x.numel() == 0 or weight.numel() == 0:
-        return F.linear(x, weight, bias)  # oneDNN has no empty GEMMs (e.g. an expert without rows)
+        return F.linear(x, weight, bias)  # oneDNN builds no empty GEMMs (e.g. zero tokens on a rank)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 

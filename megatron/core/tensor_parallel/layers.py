@@ -54,7 +54,7 @@ InitMethod = Callable[[Tensor, Optional[torch.Generator]], None]
 
 def dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, use_onednn: bool = True) -> Tensor:
     """F.linear(x, weight, bias). With `use_onednn`, fp32 GEMMs on CPU run through oneDNN where the
-    device layer has it (`megatron.core.onednn`: about 2x torch's default BLAS on AMD CPUs)."""
+    device layer has it (`megatron.core.onednn`: about 2x torch's default BLAS on the AMD EPYC measured)."""
     gemm = device_of(x).onednn_gemm(x, weight) if use_onednn else None
     if gemm is not None:
         return gemm.linear(x, weight, bias)
