@@ -6,10 +6,10 @@
 
 For each shape T x in -> out (a linear layer on T tokens) the three GEMMs of a training step are
 timed, best of `--reps`: forward x W^T, input gradient g W and weight gradient g^T x, the
-gradients through autograd (F.linear's backward vs the oneDNN op's own). Then the memory oneDNN keeps per distinct GEMM shape: it builds and caches
-a kernel for every new shape, so the script runs `--shapes` row counts once each and reports the
-resident-memory growth per shape (the reason the MoE experts, whose row counts change every
-step, stay on torch's grouped kernel).
+gradients through autograd (F.linear's backward vs the oneDNN op's own). Then the memory oneDNN
+keeps per distinct GEMM shape: it builds and caches a kernel for every new shape, so the script
+runs `--shapes` row counts once each and reports the resident-memory growth per shape (the
+reason the MoE experts, whose row counts change every step, stay on torch's grouped kernel).
 """
 
 from __future__ import annotations
