@@ -126,7 +126,10 @@ def _rss(cmd: List[str]) -> int:
     proc = subprocess.run(cmd)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB
     rank = os.environ.get("RANK", "0")
-    print(f"PLAN_MEASURE rss rank={rank} max_rss_bytes={peak_kib * 1024} returncode={proc.returncode}", flush=True)
+    # One write for the whole line: the ranks share the pipe, and an unbuffered print writes the
+    # text and its newline separately, so two ranks' lines could run together.
+    sys.stdout.write(f"PLAN_MEASURE rss rank={rank} max_rss_bytes={peak_kib * 1024} returncode={proc.returncode}\n")
+    sys.stdout.flush()
     return proc.returncode
 
 
