@@ -117,13 +117,11 @@ def build_config(a: argparse.Namespace) -> DeepSeekConfig:
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, sync: Callable[[], None], n: int = 2048, reps: int = 8) -> float:
     """Best FLOP/s of an n x n x n matmul, through torch.mm and, where it applies, oneDNN."""
-    from megatron.core.device import device_of
+    from megatron.core.tensor_parallel import dense_linear
 
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    gemms = [torch.mm]
-    onednn = device_of(a).onednn_gemm(a, b)
-    if onednn is not None:
-        gemms.append(lambda x, y: onednn.linear(x, y.t()))
+    # dense_linear is the model's GEMM: oneDNN where it applies, else the same torch.mm again
+    gemms = [torch.mm, lambda x, y: dense_linear(x, y.t())]
     best = float("inf")
     for gemm in gemms:
         for _ in range(reps + 1):
